@@ -1,0 +1,78 @@
+"""The `colocore` command: run a node, the demo, the monitor client, benchmarks."""
+import argparse
+import asyncio
+import logging
+import sys
+
+from .errors import ColocoreError
+
+
+def _run_parser(sub):
+    p = sub.add_parser("run", help="run a guest (a colocore node)")
+    p.add_argument("--kernel", help="kvstore, dirtier, or a path to a Multiboot v1 ELF32 image")
+    p.add_argument("--append", default="", help="the multiboot command line")
+    p.add_argument("-m", default=None, help="guest memory, e.g. 256M (default 256M)")
+    p.add_argument("--console", help="chardev of the virtio console (the guest's service)")
+    p.add_argument("--serial", help="chardev of COM1 (default: the node's log)")
+    p.add_argument("--monitor", help="chardev of the HMP monitor")
+    p.add_argument("-S", action="store_true", help="do not start the guest (cont starts it)")
+    p.add_argument("--incoming", help="file:PATH: restore a guest saved by migrate file:")
+    p.add_argument("--name", help="the node's name (logs, events)")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def _setup_logging(level, name=None):
+    logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO),
+                        format="%(asctime)s " + (name or "colocore") + " %(levelname)s %(message)s",
+                        stream=sys.stderr)
+
+
+def cmd_run(args):
+    from .node import Node
+    _setup_logging(args.log_level, args.name)
+    try:
+        node = Node(args)
+        asyncio.run(node.run())
+    except ColocoreError as exc:
+        print("colocore: %s" % exc, file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # KvmError and friends already carry an actionable message
+        print("colocore: %s" % (exc.strerror if exc.strerror else exc), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="colocore", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _run_parser(sub)
+    d = sub.add_parser("demo", help="the main job: run, drive, save, restore, check")
+    d.add_argument("--keys", type=int, default=2000)
+    d.add_argument("--json", action="store_true")
+    mon = sub.add_parser("monitor", help="talk to a node's HMP monitor")
+    mon.add_argument("address", help="unix:PATH or tcp:HOST:PORT")
+    mon.add_argument("command", nargs="*")
+    b = sub.add_parser("bench", help="benchmarks")
+    b.add_argument("what", choices=["pipeline"])
+    b.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.cmd == "run":
+        return cmd_run(args)
+    if args.cmd == "demo":
+        from . import demo
+        return demo.main(args)
+    if args.cmd == "monitor":
+        from . import monitor_client
+        return monitor_client.main(args)
+    if args.cmd == "bench":
+        from . import bench_pipeline
+        return bench_pipeline.main(["--json"] if args.json else [])
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

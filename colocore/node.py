@@ -1,0 +1,190 @@
+"""A colocore node: one process, one guest, its chardevs, monitor and migration.
+
+The control thread runs an asyncio loop (monitor, chardevs, signals); the machine runs
+its vCPU thread; migrations run on the migration thread. See docs/DESIGN.md.
+"""
+import asyncio
+import logging
+import os
+import signal
+import time
+
+from . import snapshot
+from .chardev import Chardev, parse_chardev
+from .errors import ColocoreError
+from .machine import Machine
+from .migration import Migration
+from .monitor import HmpCommands, attach_monitor
+
+log = logging.getLogger("colocore.node")
+
+
+def parse_mem(text):
+    t = str(text).strip().upper()
+    mult = 1 << 20
+    if t.endswith("G"):
+        mult, t = 1 << 30, t[:-1]
+    elif t.endswith("M"):
+        t = t[:-1]
+    elif t.endswith("K"):
+        mult, t = 1 << 10, t[:-1]
+    try:
+        value = int(float(t) * mult)
+    except ValueError:
+        raise ColocoreError("-m %r: expected a size like 256M or 1G" % text) from None
+    if value <= 0 or value % (2 << 20):
+        raise ColocoreError("-m %r: memory must be a positive multiple of 2 MiB" % text)
+    return value
+
+
+class Node:
+    def __init__(self, args):
+        self.args = args
+        self.name = args.name or "colocore"
+        self.loop = None
+        self.machine = None
+        self.chardevs = {}
+        self.quit_event = None
+        self.event_listeners = []
+        self.migration = Migration(self)
+        self.hmp = HmpCommands(self)
+        # validate every chardev spec before anything is created
+        self.specs = {}
+        for what in ("console", "serial", "monitor"):
+            value = getattr(args, what, None)
+            if value:
+                self.specs[what] = parse_chardev(value, "--" + what)
+        if "serial" not in self.specs:
+            self.specs["serial"] = parse_chardev("log")
+
+    # ---- events ------------------------------------------------------------------
+
+    def emit_event(self, name, data):
+        """Thread safe: deliver an event (QMP-style) to listeners on the control loop."""
+        stamp = time.time()
+        if self.loop is None:
+            return
+        def deliver():
+            for fn in list(self.event_listeners):
+                try:
+                    fn(name, data, stamp)
+                except Exception:  # noqa: BLE001
+                    log.exception("event listener failed")
+        self.loop.call_soon_threadsafe(deliver)
+
+    # ---- start-up --------------------------------------------------------------------
+
+    async def start(self):
+        self.loop = asyncio.get_running_loop()
+        self.quit_event = asyncio.Event()
+        a = self.args
+        incoming = None
+        mem = parse_mem(a.m) if a.m else None
+        if a.incoming:
+            kind, sep, path = a.incoming.partition(":")
+            if kind != "file" or not path:
+                raise ColocoreError("--incoming %r: use file:PATH" % a.incoming)
+            # read and verify the whole snapshot before creating anything
+            incoming = snapshot.read_file(path)
+            saved = int(incoming.info["mem_size"])
+            if mem is None:
+                mem = saved
+        elif not a.kernel:
+            raise ColocoreError("nothing to run: give --kernel NAME|PATH or --incoming file:PATH")
+        mem = mem or (256 << 20)
+        self.machine = Machine(mem, self.name, on_event=self.emit_event)
+        m = self.machine
+        if incoming is not None:
+            m.set_runstate("inmigrate")
+            incoming.apply(m)
+            log.info("%s: restored from %s", self.name, a.incoming)
+        else:
+            m.boot(a.kernel, a.append or "")
+        await self._open_chardevs()
+        m.console_out.attach(self.loop.call_soon_threadsafe)
+        m.serial_out.attach(self.loop.call_soon_threadsafe)
+        m.start_thread()
+        if a.S:
+            m.set_runstate("paused" if incoming is not None else m.runstate)
+        else:
+            m.resume()
+        self._install_signals()
+
+    async def _open_chardevs(self):
+        m = self.machine
+        for what, spec in self.specs.items():
+            cd = Chardev(spec, what, shared=(what == "monitor"))
+            await cd.open(self.loop)
+            self.chardevs[what] = cd
+        console = self.chardevs.get("console")
+        if console is not None:
+            def console_input(data, client):
+                if not m.console.feed(data) and client is not None:
+                    client.transport.pause_reading()
+                    self._paused_clients.append(client)
+                m.platform.wake()
+            console.on_input = console_input
+            m.console_out._deliver = console.write
+            m.console.on_rx_space = lambda: self.loop.call_soon_threadsafe(self._resume_clients)
+        self._paused_clients = []
+        serial = self.chardevs["serial"]
+        serial.on_input = lambda data, client: m.uart.feed(data)
+        m.serial_out._deliver = serial.write
+        if "monitor" in self.chardevs:
+            attach_monitor(self.hmp, self.chardevs["monitor"])
+
+    def _resume_clients(self):
+        while self._paused_clients:
+            c = self._paused_clients.pop()
+            if c.transport is not None and not c.transport.is_closing():
+                c.transport.resume_reading()
+
+    def _install_signals(self):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            try:
+                self.loop.add_signal_handler(sig, self.request_quit)
+            except (ValueError, RuntimeError):
+                pass
+
+    # ---- operations used by HMP and QMP --------------------------------------------
+
+    def status_line(self):
+        st = self.machine.runstate
+        if st == "running":
+            return "VM status: running"
+        if st == "paused":
+            return "VM status: paused"
+        return "VM status: paused (%s)" % st
+
+    def stop(self):
+        m = self.machine
+        if m.runstate == "running":
+            m.pause("paused")
+
+    def cont(self):
+        m = self.machine
+        if m.runstate == "running":
+            return
+        if m.runstate == "inmigrate":
+            raise ColocoreError("guest is waiting for an incoming migration")
+        if m.runstate in ("guest-panicked", "internal-error", "shutdown"):
+            raise ColocoreError("cannot continue: %s" % (m.stop_reason or m.runstate))
+        if m.runstate in ("postmigrate", "prelaunch"):
+            m.set_runstate("paused")
+        m.resume()
+
+    def request_quit(self):
+        if self.quit_event is not None:
+            self.loop.call_soon_threadsafe(self.quit_event.set)
+
+    async def run(self):
+        await self.start()
+        log.info("%s: %s (pid %d)", self.name, self.status_line(), os.getpid())
+        await self.quit_event.wait()
+        self.shutdown()
+
+    def shutdown(self):
+        if self.machine is not None:
+            self.machine.close()
+        for cd in self.chardevs.values():
+            cd.close()

@@ -1,0 +1,122 @@
+"""Start and stop node processes (demo, script mode, tests, benchmarks).
+
+Every process started here is remembered by pid and stopped again by `stop()` or
+`NodeSet.close()`, also when the caller fails half-way.
+"""
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from .errors import ColocoreError
+from .monitor_client import MonitorClient
+
+
+class NodeProcess:
+    def __init__(self, name, workdir, run_args, log_path=None):
+        self.name = name
+        self.workdir = workdir
+        self.monitor_path = os.path.join(workdir, "%s-mon.sock" % name)
+        self.console_path = os.path.join(workdir, "%s-console.sock" % name)
+        self.log_path = log_path or os.path.join(workdir, "%s.log" % name)
+        argv = [sys.executable, "-m", "colocore", "run", "--name", name,
+                "--monitor", "unix:%s,server=on,wait=off" % self.monitor_path,
+                "--console", "unix:%s,server=on,wait=off" % self.console_path] + list(run_args)
+        self.logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(argv, stdout=self.logf, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid = self.proc.pid
+        self.monitor = None
+
+    @property
+    def console(self):
+        return "unix:" + self.console_path
+
+    def wait_monitor(self, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise ColocoreError("node %s exited with %s before its monitor came up; log:\n%s"
+                                    % (self.name, self.proc.returncode, self.log_tail()))
+            if os.path.exists(self.monitor_path):
+                try:
+                    self.monitor = MonitorClient("unix:" + self.monitor_path)
+                    return self.monitor
+                except ColocoreError:
+                    pass
+            if time.monotonic() > deadline:
+                raise ColocoreError("node %s: monitor not up after %.0f s" % (self.name, timeout))
+            time.sleep(0.02)
+
+    def hmp(self, line, timeout=None):
+        if self.monitor is None:
+            self.wait_monitor()
+        return self.monitor.cmd(line, timeout)
+
+    def log_tail(self, n=30):
+        try:
+            with open(self.log_path, "rb") as f:
+                return b"\n".join(f.read().splitlines()[-n:]).decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
+
+    def stop(self, timeout=5.0):
+        """Stop the node by pid: quit politely, then SIGTERM, then SIGKILL."""
+        if self.monitor is not None:
+            try:
+                self.monitor.close()
+            except OSError:
+                pass
+            self.monitor = None
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait(timeout)
+            except ProcessLookupError:
+                pass
+        self.logf.close()
+        return self.proc.returncode
+
+
+class NodeSet:
+    """The nodes of a run; `close()` stops every one of them."""
+
+    def __init__(self, workdir=None):
+        self._tmp = None
+        if workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="colocore-")
+            workdir = self._tmp.name
+        self.workdir = workdir
+        self.nodes = {}
+
+    def start(self, name, run_args):
+        if name in self.nodes:
+            self.nodes[name].stop()
+        node = NodeProcess(name, self.workdir, run_args)
+        self.nodes[name] = node
+        return node
+
+    def close(self):
+        for node in self.nodes.values():
+            node.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,146 @@
+"""The colocore stream format: snapshots, live migration and COLO checkpoints.
+
+A stream is a header followed by typed sections, each carrying its own CRC-32:
+
+    header   : b"COLOCORE" | u32 version | u32 flags           (big endian)
+    section  : u32 type | u64 length | payload | u32 crc32(type|length|payload)
+
+The stream knows nothing of RAM, CPUs or devices: it frames and verifies bytes. What a
+section means is up to the participant that wrote it (memory.py, machine.py, the COLO
+loop). Readers verify every section of a unit (a snapshot file, one checkpoint) before
+anything is applied, so a truncated or corrupted unit is refused whole.
+"""
+import enum
+import struct
+import zlib
+
+from .errors import StreamError
+
+MAGIC = b"COLOCORE"
+VERSION = 1
+HEADER = struct.Struct(">8sII")
+SECTION = struct.Struct(">IQ")
+CRC = struct.Struct(">I")
+# No section is bigger than this: a length above it is a corrupted or hostile stream,
+# refused before a single byte of it is buffered.
+MAX_SECTION = 64 << 20
+
+
+class Section(enum.IntEnum):
+    MACHINE = 1       # JSON: memory size, name, kernel, host facts
+    RAM = 2           # a batch of pages (see memory.py)
+    RAM_ZERO = 3      # page numbers that are all zeroes
+    CPU = 4           # named vCPU state blobs
+    DEVICES = 5       # JSON: one object per device
+    END = 6           # end of a unit (snapshot or checkpoint)
+    CHECKPOINT = 7    # JSON: checkpoint id and counts, opens a checkpoint unit
+    RAM_DELTA = 8     # XBZRLE deltas against the receiver's copy
+
+
+def header():
+    return HEADER.pack(MAGIC, VERSION, 0)
+
+
+def check_header(data):
+    if len(data) < HEADER.size:
+        raise StreamError("stream too short for a colocore header (%d bytes): truncated "
+                          "or not a colocore stream" % len(data))
+    magic, version, _flags = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise StreamError("not a colocore stream (magic %r); was it written by "
+                          "'migrate file:' of colocore?" % magic)
+    if version != VERSION:
+        raise StreamError("colocore stream version %d, this colocore reads version %d; "
+                          "use the colocore release that wrote it" % (version, VERSION))
+
+
+def pack_section(kind, payload):
+    """Return the framed section as a list of buffers (no copy of a big payload)."""
+    head = SECTION.pack(int(kind), len(payload))
+    crc = zlib.crc32(payload, zlib.crc32(head))
+    return [head, payload, CRC.pack(crc)]
+
+
+def section_bytes(kind, payload):
+    return b"".join(pack_section(kind, payload))
+
+
+def _kind_name(kind):
+    try:
+        return Section(kind).name
+    except ValueError:
+        return "type %d" % kind
+
+
+class Reader:
+    """Reads verified sections from a blocking `read_exact(n)` callable.
+
+    `read_exact` must return exactly n bytes or raise EOFError / OSError.
+    """
+
+    def __init__(self, read_exact, what="stream"):
+        self._read_exact = read_exact
+        self.what = what
+        self.bytes_read = 0
+
+    def _read(self, n):
+        try:
+            data = self._read_exact(n)
+        except EOFError:
+            raise StreamError("%s truncated after %d bytes" % (self.what, self.bytes_read)) from None
+        self.bytes_read += len(data)
+        return data
+
+    def read_header(self):
+        check_header(self._read(HEADER.size))
+
+    def read_section(self):
+        """Return (kind, payload) of the next section, verified."""
+        head = self._read(SECTION.size)
+        kind, length = SECTION.unpack(head)
+        if length > MAX_SECTION:
+            raise StreamError("%s: %s section claims %d bytes (limit %d): corrupted stream"
+                              % (self.what, _kind_name(kind), length, MAX_SECTION))
+        payload = self._read(length) if length else b""
+        (crc,) = CRC.unpack(self._read(CRC.size))
+        if zlib.crc32(payload, zlib.crc32(head)) != crc:
+            raise StreamError("%s: %s section at byte %d fails its checksum: corrupted stream"
+                              % (self.what, _kind_name(kind), self.bytes_read - length - 16))
+        try:
+            kind = Section(kind)
+        except ValueError:
+            raise StreamError("%s: unknown section type %d: written by a newer colocore?"
+                              % (self.what, kind)) from None
+        return kind, payload
+
+    def read_unit(self):
+        """Read sections up to and including END; return them all (nothing applied yet)."""
+        sections = []
+        while True:
+            kind, payload = self.read_section()
+            if kind == Section.END:
+                return sections
+            sections.append((kind, payload))
+
+
+def file_reader(f, what):
+    def read_exact(n):
+        data = f.read(n)
+        if len(data) != n:
+            raise EOFError
+        return data
+    return Reader(read_exact, what)
+
+
+def socket_reader(sock, what):
+    def read_exact(n):
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = sock.recv_into(view[got:], n - got)
+            if k == 0:
+                raise EOFError
+            got += k
+        return bytes(buf)
+    return Reader(read_exact, what)

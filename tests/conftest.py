@@ -1,0 +1,62 @@
+"""Shared test set-up: KVM/root markers that skip locally but fail in CI.
+
+`pytest.mark.kvm` needs a usable /dev/kvm, `pytest.mark.net` needs root (network
+namespaces). With COLOCORE_REQUIRE_KVM=1 (what .ci/run sets) a missing requirement is a
+failure, never a skip.
+"""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+REQUIRE = os.environ.get("COLOCORE_REQUIRE_KVM") == "1"
+
+
+def _kvm_problem():
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not accessible (run as root or join the kvm group)"
+    return None
+
+
+def _root_problem():
+    return None if os.geteuid() == 0 else "needs root (CAP_NET_ADMIN) for network namespaces"
+
+
+def pytest_runtest_setup(item):
+    for marker, check in (("kvm", _kvm_problem), ("net", _root_problem)):
+        if item.get_closest_marker(marker) is None:
+            continue
+        problem = check()
+        if problem is None:
+            continue
+        if REQUIRE:
+            pytest.fail("COLOCORE_REQUIRE_KVM=1 but %s" % problem, pytrace=False)
+        pytest.skip(problem)
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    """A NodeSet whose processes are all stopped by pid after the test, pass or fail."""
+    from colocore.procs import NodeSet
+    ns = NodeSet(str(tmp_path))
+    try:
+        yield ns
+    finally:
+        ns.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests are sorted by what they need: tests/kvm needs KVM, tests/net needs root too."""
+    for item in items:
+        path = str(item.fspath)
+        if os.sep + "kvm" + os.sep in path:
+            item.add_marker(pytest.mark.kvm)
+        if os.sep + "net" + os.sep in path:
+            item.add_marker(pytest.mark.kvm)
+            item.add_marker(pytest.mark.net)
