@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets up its own
+# virtualenv, installs colocore (building the Cython extensions and the guest images)
+# and runs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+SOURCES := setup.py pyproject.toml $(wildcard colocore_ext/*.pyx colocore_ext/*.pxd guests/*.c guests/*.S guests/*.h guests/*.ld guests/*.py)
+PYTEST_ARGS ?=
+
+.PHONY: all install demo test bench clean
+
+all: install
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q cython setuptools wheel textual psutil lz4 pyroute2 \
+		pytest hypothesis qemu.qmp pytest-textual-snapshot
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/colocore demo
+
+test: install
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+
+bench: install
+	$(VENV)/bin/colocore bench pipeline
+
+clean:
+	rm -rf $(VENV) build *.egg-info colocore_ext/*.c colocore_ext/*.so colocore/guests/*.elf
