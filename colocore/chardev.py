@@ -214,9 +214,14 @@ class Chardev:
             except OSError:
                 pass
         elif k == "log":
-            for line in bytes(data).decode("utf-8", "replace").splitlines():
-                if line.strip():
-                    log.info("%s: %s", self.name, line)
+            # whole lines only: the guest writes COM1 a byte per exit
+            self._file = (self._file or b"") + bytes(data)
+            *lines, rest = self._file.split(b"\n")
+            self._file = rest[-4096:]
+            for line in lines:
+                text = line.decode("utf-8", "replace").rstrip("\r")
+                if text.strip():
+                    log.info("%s: %s", self.name, text)
         elif client is not None:
             client.write(data)
         elif self.shared:
@@ -240,9 +245,9 @@ class Chardev:
                 os.unlink(self.spec.path)
             except OSError:
                 pass
-        if self._file is not None:
+        if self._file is not None and self.spec.kind == "file":
             self._file.close()
-            self._file = None
+        self._file = None
 
 
 def _remove_stale_socket(path, name):

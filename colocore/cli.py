@@ -16,8 +16,11 @@ def _run_parser(sub):
     p.add_argument("--serial", help="chardev of COM1 (default: the node's log)")
     p.add_argument("--monitor", help="chardev of the HMP monitor")
     p.add_argument("-S", action="store_true", help="do not start the guest (cont starts it)")
-    p.add_argument("--incoming", help="file:PATH: restore a guest saved by migrate file:")
+    p.add_argument("--incoming", help="file:PATH (restore a saved guest) or tcp:HOST:PORT "
+                   "(wait for a live migration / become a COLO secondary)")
     p.add_argument("--name", help="the node's name (logs, events)")
+    p.add_argument("--colo-verify", action="store_true",
+                   help="debug: compare page hashes of secondary and primary at every checkpoint")
     p.add_argument("--log-level", default="info")
     return p
 

@@ -8,6 +8,7 @@ RAM section payload (little endian, page numbers are 4 KiB guest frame numbers):
 RAM_ZERO payload: npages x u32 pfn (pages that are all zeroes now).
 """
 import array
+import itertools
 import struct
 
 from colocore_ext import dirtylog, lz4batch, pages
@@ -40,25 +41,34 @@ class GuestMemory:
         return array.array("I", range(self.npages))
 
 
+_INVERT = bytes([1]) + bytes(255)       # zero flag 0 -> keep 1, flag 1 -> keep 0
+
+
+def split_zero(pfns, zero_flags, kept):
+    """(non-zero pfns, zero pfns) of a gather's page list, in list order."""
+    if kept == len(pfns):
+        return pfns, array.array("I")
+    nonzero = array.array("I", itertools.compress(pfns, zero_flags.translate(_INVERT)))
+    zero = array.array("I", itertools.compress(pfns, zero_flags))
+    return nonzero, zero
+
+
 def encode_ram(ram, pfns, staging, compress):
     """Return (RAM payload or None, zero pfns) for `pfns` (gathered into `staging`)."""
-    nonzero, zero = pages.gather(ram, pfns, staging)
-    out_pfns = nonzero_pfns(pfns, zero)
-    n = len(out_pfns)
+    kept, flags = pages.gather(ram, pfns, staging)
+    out_pfns, zero = split_zero(pfns, flags, kept)
+    return ram_payload(out_pfns, memoryview(staging)[:kept * PAGE], compress), zero
+
+
+def ram_payload(pfns, raw, compress):
+    """A RAM section payload for pages `pfns` whose bytes are `raw` (len(pfns) pages)."""
+    n = len(pfns)
     if n == 0:
-        return None, zero
-    raw = memoryview(staging)[:n * PAGE]
+        return None
     if compress:
         blob = lz4batch.compress(raw)
-        return RAM_HEAD.pack(ENC_LZ4, 0, 0, n) + out_pfns.tobytes() + blob, zero
-    return b"".join((RAM_HEAD.pack(ENC_RAW, 0, 0, n), out_pfns.tobytes(), raw)), zero
-
-
-def nonzero_pfns(pfns, zero):
-    if not len(zero):
-        return array.array("I", pfns)
-    z = set(zero)
-    return array.array("I", (p for p in pfns if p not in z))
+        return b"".join((RAM_HEAD.pack(ENC_LZ4, 0, 0, n), pfns.tobytes(), blob))
+    return b"".join((RAM_HEAD.pack(ENC_RAW, 0, 0, n), pfns.tobytes(), raw))
 
 
 def decode_ram(payload, npages_total):
@@ -105,6 +115,4 @@ def apply_pages(ram, pfns, data):
 
 
 def apply_zero(ram, pfns):
-    z = bytes(PAGE)
-    for p in pfns:
-        ram[p * PAGE:(p + 1) * PAGE] = z
+    pages.fill_zero(ram, pfns)

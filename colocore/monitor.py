@@ -107,13 +107,48 @@ class HmpCommands:
 
         @self.command("migrate", "[-d] uri", "migrate to URI (file:PATH or tcp:HOST:PORT); -d: do not wait")
         async def _migrate_cmd(args):
-            detach = "-d" in args
+            # With x-colo the migration never "finishes" (it turns into COLO): don't wait.
+            detach = "-d" in args or node.settings.capabilities.get("x-colo")
             rest = [a for a in args if not a.startswith("-")]
             if len(rest) != 1:
                 raise HmpError("migrate needs one URI, e.g. migrate file:/tmp/vm.snap")
             fut = node.migration.start(rest[0])
             if not detach:
                 await fut
+            return ""
+
+        @self.info("migrate_capabilities", "show current migration capabilities")
+        def _caps(args):
+            return node.settings.capabilities_text()
+
+        @self.info("migrate_parameters", "show current migration parameters")
+        def _params(args):
+            return node.settings.parameters_text()
+
+        @self.info("colo", "show COLO mode, last mode, exit reason and failover state")
+        def _colo(args):
+            return node.colo.info_text()
+
+        @self.command("migrate_set_capability", "capability state",
+                      "enable/disable a migration capability (on|off)")
+        def _set_cap(args):
+            if len(args) != 2 or args[1] not in ("on", "off", "true", "false"):
+                raise HmpError("usage: migrate_set_capability CAPABILITY on|off")
+            node.settings.set_capability(args[0], args[1] in ("on", "true"),
+                                         busy=node.migration.status in ("setup", "active", "colo"))
+            return ""
+
+        @self.command("migrate_set_parameter", "parameter value", "set a migration parameter")
+        def _set_param(args):
+            if len(args) != 2:
+                raise HmpError("usage: migrate_set_parameter PARAMETER VALUE")
+            node.settings.set_parameter(args[0], args[1])
+            return ""
+
+        @self.command("x_colo_lost_heartbeat", "",
+                      "tell COLO that heartbeat is lost, a failover or takeover is needed")
+        def _lost(args):
+            node.colo.request_failover()
             return ""
 
         @self.command("migrate_cancel", "", "cancel the current VM migration")

@@ -11,10 +11,13 @@ import time
 
 from . import snapshot
 from .chardev import Chardev, parse_chardev
+from .colo import Colo
 from .errors import ColocoreError
+from .incoming import Incoming
 from .machine import Machine
 from .migration import Migration
 from .monitor import HmpCommands, attach_monitor
+from .params import MigrationSettings
 
 log = logging.getLogger("colocore.node")
 
@@ -44,9 +47,15 @@ class Node:
         self.loop = None
         self.machine = None
         self.chardevs = {}
+        self._paused_clients = []
         self.quit_event = None
         self.event_listeners = []
         self.migration = Migration(self)
+        self.colo = Colo(self)
+        self.settings = None
+        self.incoming = None
+        self.quitting = False
+        self.args_verify = bool(getattr(args, "colo_verify", False))
         self.hmp = HmpCommands(self)
         # validate every chardev spec before anything is created
         self.specs = {}
@@ -78,60 +87,104 @@ class Node:
         self.loop = asyncio.get_running_loop()
         self.quit_event = asyncio.Event()
         a = self.args
-        incoming = None
+        snap = None
         mem = parse_mem(a.m) if a.m else None
+        tcp_incoming = False
         if a.incoming:
-            kind, sep, path = a.incoming.partition(":")
-            if kind != "file" or not path:
-                raise ColocoreError("--incoming %r: use file:PATH" % a.incoming)
-            # read and verify the whole snapshot before creating anything
-            incoming = snapshot.read_file(path)
-            saved = int(incoming.info["mem_size"])
-            if mem is None:
-                mem = saved
+            kind, sep, rest = a.incoming.partition(":")
+            if kind == "file" and rest:
+                # read and verify the whole snapshot before creating anything
+                snap = snapshot.read_file(rest)
+                mem = mem or int(snap.info["mem_size"])
+            elif kind == "tcp":
+                tcp_incoming = True
+            else:
+                raise ColocoreError("--incoming %r: use file:PATH or tcp:HOST:PORT" % a.incoming)
         elif not a.kernel:
-            raise ColocoreError("nothing to run: give --kernel NAME|PATH or --incoming file:PATH")
+            raise ColocoreError("nothing to run: give --kernel NAME|PATH or --incoming file:PATH|tcp:HOST:PORT")
         mem = mem or (256 << 20)
+        if tcp_incoming:
+            self.incoming = Incoming(self, a.incoming)     # binds now: a busy port fails here
         self.machine = Machine(mem, self.name, on_event=self.emit_event)
+        # The VM exists with dirty logging on, so this host can do COLO.
+        self.settings = MigrationSettings(colo_supported=True)
+        self.settings.on_parameter_change = self._parameter_changed
         m = self.machine
-        if incoming is not None:
+        if snap is not None:
             m.set_runstate("inmigrate")
-            incoming.apply(m)
+            snap.apply(m)
             log.info("%s: restored from %s", self.name, a.incoming)
+        elif tcp_incoming:
+            m.set_runstate("inmigrate")
         else:
             m.boot(a.kernel, a.append or "")
-        await self._open_chardevs()
         m.console_out.attach(self.loop.call_soon_threadsafe)
         m.serial_out.attach(self.loop.call_soon_threadsafe)
+        # A destination opens its guest chardevs only when it starts serving: before
+        # that, a client must not talk to a guest that is not the live one.
+        await self._open_chardevs(("monitor",) if tcp_incoming else ("console", "serial", "monitor"))
         m.start_thread()
-        if a.S:
-            m.set_runstate("paused" if incoming is not None else m.runstate)
+        if tcp_incoming:
+            self.incoming.start()
+        elif a.S:
+            if snap is not None:
+                m.set_runstate("paused")
         else:
             m.resume()
         self._install_signals()
 
-    async def _open_chardevs(self):
+    def _parameter_changed(self, name, value):
+        if name == "x-checkpoint-delay" and self.colo.mode == "primary":
+            self.colo.trigger.set()         # QEMU: a new delay takes effect with a checkpoint now
+
+    def migration_in_status(self, status):
+        """Destination side of `info migrate` (thread safe)."""
+        self.migration.status = status
+        self.emit_event("MIGRATION", {"status": status})
+
+    async def _start_serving(self):
+        await self._open_chardevs(("console", "serial"))
+
+    def incoming_finished(self):
+        async def go():
+            await self._start_serving()
+            self.machine.resume()
+        asyncio.ensure_future(go())
+
+    def schedule_takeover(self):
+        """Secondary failover: wait out the incoming thread, open chardevs, run the guest."""
+        async def go():
+            try:
+                await self.loop.run_in_executor(None, self.colo.takeover_prepare)
+                await self._start_serving()
+                self.machine.resume()
+                self.colo.takeover_finish()
+            except Exception:  # noqa: BLE001 - a failed takeover must be loud
+                log.exception("%s: takeover failed", self.name)
+        asyncio.ensure_future(go())
+
+    async def _open_chardevs(self, which):
         m = self.machine
-        for what, spec in self.specs.items():
-            cd = Chardev(spec, what, shared=(what == "monitor"))
+        for what in which:
+            if what not in self.specs or what in self.chardevs:
+                continue
+            cd = Chardev(self.specs[what], what, shared=(what == "monitor"))
             await cd.open(self.loop)
             self.chardevs[what] = cd
-        console = self.chardevs.get("console")
-        if console is not None:
-            def console_input(data, client):
-                if not m.console.feed(data) and client is not None:
-                    client.transport.pause_reading()
-                    self._paused_clients.append(client)
-                m.platform.wake()
-            console.on_input = console_input
-            m.console_out._deliver = console.write
-            m.console.on_rx_space = lambda: self.loop.call_soon_threadsafe(self._resume_clients)
-        self._paused_clients = []
-        serial = self.chardevs["serial"]
-        serial.on_input = lambda data, client: m.uart.feed(data)
-        m.serial_out._deliver = serial.write
-        if "monitor" in self.chardevs:
-            attach_monitor(self.hmp, self.chardevs["monitor"])
+            if what == "console":
+                def console_input(data, client):
+                    if not m.console.feed(data) and client is not None:
+                        client.transport.pause_reading()
+                        self._paused_clients.append(client)
+                    m.platform.wake()
+                cd.on_input = console_input
+                m.console_out._deliver = cd.write
+                m.console.on_rx_space = lambda: self.loop.call_soon_threadsafe(self._resume_clients)
+            elif what == "serial":
+                cd.on_input = lambda data, client: m.uart.feed(data)
+                m.serial_out._deliver = cd.write
+            elif what == "monitor":
+                attach_monitor(self.hmp, cd)
 
     def _resume_clients(self):
         while self._paused_clients:
@@ -184,6 +237,12 @@ class Node:
         self.shutdown()
 
     def shutdown(self):
+        self.quitting = True
+        if self.incoming is not None:
+            self.incoming.close()
+        ch = self.colo.channel
+        if ch is not None:
+            ch.close()
         if self.machine is not None:
             self.machine.close()
         for cd in self.chardevs.values():

@@ -45,13 +45,16 @@ def check_header(data):
     if len(data) < HEADER.size:
         raise StreamError("stream too short for a colocore header (%d bytes): truncated "
                           "or not a colocore stream" % len(data))
-    magic, version, _flags = HEADER.unpack_from(data)
+    magic, version, flags = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise StreamError("not a colocore stream (magic %r); was it written by "
                           "'migrate file:' of colocore?" % magic)
     if version != VERSION:
         raise StreamError("colocore stream version %d, this colocore reads version %d; "
                           "use the colocore release that wrote it" % (version, VERSION))
+    if flags:
+        raise StreamError("colocore stream has unknown header flags 0x%x: corrupted, or "
+                          "written by a newer colocore" % flags)
 
 
 def pack_section(kind, payload):
@@ -86,7 +89,10 @@ class Reader:
     def _read(self, n):
         try:
             data = self._read_exact(n)
-        except EOFError:
+        except EOFError as eof:
+            partial = eof.args[0] if eof.args else 0
+            if self.bytes_read == 0 and not partial:
+                raise StreamError("%s is empty" % self.what) from None
             raise StreamError("%s truncated after %d bytes" % (self.what, self.bytes_read)) from None
         self.bytes_read += len(data)
         return data
@@ -127,7 +133,7 @@ def file_reader(f, what):
     def read_exact(n):
         data = f.read(n)
         if len(data) != n:
-            raise EOFError
+            raise EOFError(len(data))
         return data
     return Reader(read_exact, what)
 

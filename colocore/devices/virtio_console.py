@@ -249,8 +249,8 @@ class VirtioConsole:
             self.notifies += 1
             if value == 1:
                 self.process_tx()
-            elif value == 0:
-                self.deliver_rx()
+            # any notify is also a chance to hand over pending input (docs/DESIGN.md)
+            self.deliver_rx()
         elif off == 0x064:
             self.interrupt_status &= ~value
         elif off == 0x070:

@@ -106,7 +106,7 @@ def test_bad_snapshot_rejected(nodes, tmp_path, damage):
     assert bad.proc.wait(30) == 1
     log = bad.log_tail()
     expect = {"flip": "checksum", "truncate": "truncated", "foreign": "not a colocore stream",
-              "empty": "too short"}[damage]
+              "empty": "is empty"}[damage]
     assert expect in log, log
     assert "Traceback" not in log
 

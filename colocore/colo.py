@@ -1,0 +1,337 @@
+"""COLO: the primary's checkpoint loop, the secondary's incoming loop, and failover.
+
+Primary (migration thread, after the initial live migration):
+
+    <- checkpoint-ready
+    every x-checkpoint-delay:
+      -> checkpoint-request   <- checkpoint-reply
+      pause: harvest + copy dirty pages + vCPU + devices, resume      (Stager.stage)
+      -> vmstate-send [RAM ... END] vmstate-size N [N bytes devices]  (guest runs on)
+      <- vmstate-received     release output held up to this checkpoint
+      <- vmstate-loaded
+
+Secondary (incoming thread): receives each checkpoint whole into a PendingCheckpoint,
+verifies it, answers vmstate-received, and only then applies it (RAM, vCPU, devices) and
+answers vmstate-loaded. A checkpoint cut off anywhere before its last byte is dropped
+whole; the VM stays at the previous one.
+
+Failover (x_colo_lost_heartbeat, or the optional x-colo-heartbeat timeout) changes the
+failover state only through Failover.compare_and_set.
+"""
+import logging
+import threading
+import time
+
+from colocore_ext import pages
+from .checkpoint import Stager, receive
+from .errors import ColocoreError, StreamError
+from .failover import Failover, FailoverState
+from .transport import Msg, PeerLost
+
+log = logging.getLogger("colocore.colo")
+
+READY_TIMEOUT = 60.0
+REPLY_TIMEOUT = 10.0
+
+
+class ColoStats:
+    def __init__(self):
+        self.checkpoints = 0
+        self.last_pause_ms = 0.0
+        self.total_pause_ms = 0.0
+        self.max_pause_ms = 0.0
+        self.last_dirty_pages = 0
+        self.last_bytes = 0
+        self.last_raw = 0
+        self.total_bytes = 0
+        self.total_raw = 0
+        self.last_latency_ms = 0.0
+        self.verify_mismatches = 0
+
+    @property
+    def mean_pause_ms(self):
+        return self.total_pause_ms / self.checkpoints if self.checkpoints else 0.0
+
+    @property
+    def compression_ratio(self):
+        return self.last_raw / self.last_bytes if self.last_bytes else 0.0
+
+
+class Colo:
+    """COLO state of one node: mode, last mode, exit reason, failover, peer."""
+
+    def __init__(self, node):
+        self.node = node
+        self.mode = "none"
+        self.last_mode = "none"
+        self.reason = "none"
+        self.failover = Failover()
+        self.stats = ColoStats()
+        self.channel = None
+        self.peer_state = "none"          # none, connected, lost
+        self.peer_error = None
+        self.trigger = threading.Event()  # checkpoint now (delay changed, failover)
+        self.exit_sent = False
+        self.apply_lock = threading.Lock()
+        self.loading = False
+        self.incoming_thread = None
+        self.takeover_done = threading.Event()
+
+    # ---- reporting -----------------------------------------------------------------
+
+    def info_text(self):
+        lines = ["COLO mode: %s" % self.mode,
+                 "last mode: %s" % self.last_mode,
+                 "reason: %s" % self.reason,
+                 "failover state: %s" % self.failover.state.value,
+                 "peer: %s%s" % (self.peer_state, (" (%s)" % self.peer_error) if self.peer_error else ""),
+                 "checkpoints: %d" % self.stats.checkpoints]
+        if self.stats.verify_mismatches:
+            lines.append("verify mismatches: %d" % self.stats.verify_mismatches)
+        return "\n".join(lines)
+
+    def status(self):
+        return {"mode": self.mode, "last-mode": self.last_mode, "reason": self.reason}
+
+    def _exit_event(self, reason):
+        if not self.exit_sent:
+            self.exit_sent = True
+            self.node.emit_event("COLO_EXIT", {"mode": self.mode if self.mode != "none" else self.last_mode,
+                                               "reason": reason})
+
+    def peer_lost(self, error):
+        """The channel broke: report it, keep the guest safe; failover stays the operator's."""
+        if self.peer_state == "lost":
+            return
+        self.peer_state = "lost"
+        self.peer_error = str(error)
+        if self.failover.state == FailoverState.NONE:
+            self.reason = "error"
+            log.error("COLO %s: lost the peer: %s; the guest is %s. Run x_colo_lost_heartbeat "
+                      "here to %s", self.mode, error,
+                      "running, output held" if self.mode == "primary" else "at its last complete checkpoint",
+                      "serve alone" if self.mode == "primary" else "take over")
+            self._exit_event("error")
+            hb = self.node.settings.parameters["x-colo-heartbeat"]
+            if hb:
+                log.warning("x-colo-heartbeat is %d ms: failing over by itself", hb)
+                try:
+                    self.request_failover(auto=True)
+                except ColocoreError:
+                    pass
+
+    # ---- failover --------------------------------------------------------------------
+
+    def request_failover(self, auto=False):
+        """x_colo_lost_heartbeat: accepted once; the work runs on the COLO thread/loop."""
+        if self.mode == "none":
+            raise ColocoreError("VM is not in COLO mode")
+        found = self.failover.compare_and_set(FailoverState.NONE, FailoverState.REQUIRE)
+        if found != FailoverState.NONE:
+            raise ColocoreError("COLO failover is already active")
+        if self.reason == "none":
+            self.reason = "request"
+        log.info("COLO %s: failover requested%s", self.mode, " (heartbeat timeout)" if auto else "")
+        if self.mode == "primary":
+            # the migration thread notices at its next step; closing the channel wakes it
+            self.trigger.set()
+            if self.channel is not None:
+                self.channel.close()
+        else:
+            if self.loading:
+                # a checkpoint is being loaded: let it finish, then fail over from it
+                self.failover.compare_and_set(FailoverState.REQUIRE, FailoverState.RELAUNCH)
+            if self.channel is not None:
+                self.channel.close()
+            self.node.loop.call_soon_threadsafe(self.node.schedule_takeover)
+
+    # ---- primary -----------------------------------------------------------------------
+
+    def run_primary(self, ch, stager):
+        """The checkpoint loop (migration thread). Returns when COLO ends; the guest runs."""
+        node, m = self.node, self.node.machine
+        self.channel = ch
+        self.mode = "primary"
+        self.peer_state = "connected"
+        params = node.settings.parameters
+        try:
+            # checkpoint-ready was received by the migration thread before it resumed the
+            # guest at the end of the initial migration
+            checkpoint_id = 0
+            while self.failover.state == FailoverState.NONE:
+                self._wait_delay(ch, params)
+                if self.failover.state != FailoverState.NONE:
+                    break
+                checkpoint_id += 1
+                hb = params["x-colo-heartbeat"]
+                ch.set_timeout(hb / 1000.0 if hb else REPLY_TIMEOUT)
+                t0 = time.perf_counter()
+                ch.send_msg(Msg.CHECKPOINT_REQUEST)
+                ch.expect(Msg.CHECKPOINT_REPLY)
+                st = stager.stage()
+                sent, raw, _ = stager.send(ch, st, checkpoint_id)
+                ch.expect(Msg.VMSTATE_RECEIVED)
+                # output commit: the secondary holds the state that produced these bytes
+                m.console_out.release(st.marks[0])
+                m.serial_out.release(st.marks[1])
+                ch.expect(Msg.VMSTATE_LOADED)
+                self._account(checkpoint_id, st, sent, raw, (time.perf_counter() - t0) * 1000)
+        except (PeerLost, StreamError, ColocoreError, OSError) as exc:
+            if self.failover.state == FailoverState.NONE:
+                self.peer_lost(exc)
+        finally:
+            self.channel = None
+        # Wait for the operator (or the heartbeat) to fail over; the guest runs meanwhile,
+        # its output held: releasing it before a failover decision could lose it.
+        while self.failover.state not in (FailoverState.REQUIRE, FailoverState.RELAUNCH):
+            time.sleep(0.01)
+            if self.node.quitting:
+                return
+        self._primary_failover(ch)
+
+    def _wait_delay(self, ch, params):
+        """Sleep x-checkpoint-delay, waking early on trigger; heartbeat while idle."""
+        delay = params["x-checkpoint-delay"] / 1000.0
+        hb = params["x-colo-heartbeat"] / 1000.0
+        deadline = time.monotonic() + delay
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.failover.state != FailoverState.NONE:
+                break
+            step = min(left, hb / 3) if hb else left
+            if self.trigger.wait(step):
+                self.trigger.clear()
+                break
+            if hb:
+                ch.send_msg(Msg.HEARTBEAT)
+        self.trigger.clear()
+
+    def _account(self, checkpoint_id, st, sent, raw, latency_ms):
+        s = self.stats
+        s.checkpoints += 1
+        pause_ms = st.pause_s * 1000
+        s.last_pause_ms = pause_ms
+        s.total_pause_ms += pause_ms
+        s.max_pause_ms = max(s.max_pause_ms, pause_ms)
+        s.last_dirty_pages = len(st.pfns)
+        s.last_bytes = sent
+        s.last_raw = raw
+        s.total_bytes += sent
+        s.total_raw += raw
+        s.last_latency_ms = latency_ms
+        self.node.emit_event("COLO_CHECKPOINT", {
+            "id": checkpoint_id, "pause-ms": round(pause_ms, 3),
+            "dirty-pages": len(st.pfns), "bytes": sent,
+            "compression-ratio": round(raw / sent, 3) if sent else 0.0,
+            "latency-ms": round(latency_ms, 3)})
+
+    def _primary_failover(self, ch):
+        m = self.node.machine
+        self.failover.compare_and_set(FailoverState.REQUIRE, FailoverState.ACTIVE)
+        if ch is not None:
+            try:
+                ch.send_msg(Msg.QUIT)
+            except ColocoreError:
+                pass
+            ch.close()
+        m.console_out.hold = False
+        m.serial_out.hold = False
+        m.console_out.release()
+        m.serial_out.release()
+        self.last_mode, self.mode = "primary", "none"
+        self.peer_state = "none" if self.peer_state != "lost" else "lost"
+        self._exit_event(self.reason if self.reason != "none" else "request")
+        self.node.migration.colo_finished()
+        self.failover.compare_and_set(FailoverState.ACTIVE, FailoverState.COMPLETED)
+        log.info("COLO primary: failover completed, serving alone")
+
+    # ---- secondary ---------------------------------------------------------------------
+
+    def run_secondary(self, ch):
+        """The COLO incoming loop (incoming thread). Returns when COLO ends."""
+        node, m = self.node, self.node.machine
+        self.channel = ch
+        self.mode = "secondary"
+        self.peer_state = "connected"
+        params = node.settings.parameters
+        try:
+            ch.send_msg(Msg.CHECKPOINT_READY)
+            while self.failover.state == FailoverState.NONE:
+                hb = params["x-colo-heartbeat"]
+                ch.set_timeout(hb / 1000.0 if hb else None)
+                msg = ch.recv_msg()
+                if msg == Msg.CHECKPOINT_REQUEST:
+                    ch.send_msg(Msg.CHECKPOINT_REPLY)
+                elif msg == Msg.VMSTATE_SEND:
+                    t0 = time.perf_counter()
+                    cp = receive(ch, m)
+                    # The whole checkpoint is here and verified: from now on it is applied
+                    # even if the primary dies (it is the newest complete state).
+                    ch.send_msg(Msg.VMSTATE_RECEIVED)
+                    self._load(cp)
+                    try:
+                        ch.send_msg(Msg.VMSTATE_LOADED)
+                    except PeerLost:
+                        raise
+                    self.stats.checkpoints += 1
+                    self.stats.last_bytes = cp.bytes
+                    self.stats.last_dirty_pages = cp.info.get("dirty", 0)
+                    self.stats.last_latency_ms = (time.perf_counter() - t0) * 1000
+                    if cp.digest is not None:
+                        self._verify(cp)
+                elif msg == Msg.QUIT:
+                    raise PeerLost("the primary left COLO (failover on the primary)")
+                else:
+                    raise StreamError("COLO protocol: unexpected %s" % msg.name)
+        except (PeerLost, StreamError, ColocoreError, OSError) as exc:
+            if self.failover.state == FailoverState.NONE:
+                self.peer_lost(exc)
+            else:
+                log.info("COLO secondary: channel closed for failover")
+        finally:
+            self.channel = None
+            ch.close()
+
+    def _load(self, cp):
+        with self.apply_lock:
+            self.loading = True
+            try:
+                cp.apply(self.node.machine)
+            finally:
+                self.loading = False
+        if self.failover.state == FailoverState.RELAUNCH:
+            self.failover.compare_and_set(FailoverState.RELAUNCH, FailoverState.REQUIRE)
+
+    def _verify(self, cp):
+        mem = self.node.machine.memory
+        mine = pages.page_hashes(mem.ram, mem.all_pages())
+        bad = [] if mine == cp.digest else \
+            [p for p, (a, b) in enumerate(zip(mine, cp.digest)) if a != b]
+        if bad:
+            self.stats.verify_mismatches += 1
+            log.error("COLO verify: checkpoint %s: %d pages differ from the primary (first: %s)",
+                      cp.info.get("id"), len(bad), ", ".join("0x%x" % p for p in bad[:8]))
+            self.node.emit_event("COLO_VERIFY_MISMATCH", {"id": cp.info.get("id"), "pages": len(bad)})
+
+    def takeover_prepare(self):
+        """Secondary failover, thread part: wait for the incoming thread and any load."""
+        t = self.incoming_thread
+        if t is not None:
+            t.join()
+        with self.apply_lock:
+            pass
+        while self.failover.state == FailoverState.RELAUNCH:
+            time.sleep(0.001)
+        self.failover.compare_and_set(FailoverState.REQUIRE, FailoverState.ACTIVE)
+
+    def takeover_finish(self):
+        m = self.node.machine
+        m.console_out.hold = False
+        m.serial_out.hold = False
+        m.console_out.release()
+        m.serial_out.release()
+        self.last_mode, self.mode = "secondary", "none"
+        self._exit_event(self.reason if self.reason != "none" else "request")
+        self.failover.compare_and_set(FailoverState.ACTIVE, FailoverState.COMPLETED)
+        self.takeover_done.set()
+        log.info("COLO secondary: failover completed, serving")

@@ -1,0 +1,212 @@
+"""The migration channel: one TCP connection, the main stream one way and the return
+path the other (as QEMU's return path). TCP_NODELAY is set on both ends: small protocol
+messages must not wait for the peer's delayed ACK (QEMU 7.2 does not set it, and its
+checkpoint pauses cluster at 45 and 87 ms because of that, REFERENCE.md section 7).
+
+COLO messages are big-endian u32 indexes (QEMU's COLOMessage); colocore adds a few
+return-path messages above 0x100 that QEMU does not have.
+"""
+import enum
+import select
+import socket
+import struct
+import threading
+import time
+
+from . import stream
+from .errors import ColocoreError, StreamError
+
+U32 = struct.Struct(">I")
+U64 = struct.Struct(">Q")
+
+
+class Msg(enum.IntEnum):
+    CHECKPOINT_READY = 0
+    CHECKPOINT_REQUEST = 1
+    CHECKPOINT_REPLY = 2
+    VMSTATE_SEND = 3
+    VMSTATE_SIZE = 4
+    VMSTATE_RECEIVED = 5
+    VMSTATE_LOADED = 6
+    # colocore's own
+    HEARTBEAT = 0x100        # either way: "I am alive" while nothing else is said
+    SHUT = 0x101             # return path: the secondary refuses, u32 length + reason
+    LOADED = 0x102           # return path: initial state loaded (plain migration)
+    QUIT = 0x103             # main stream: the primary leaves COLO on purpose
+
+
+class PeerLost(ColocoreError):
+    """The peer closed the channel, or said nothing for longer than allowed."""
+
+
+def parse_tcp_uri(uri, what="migrate"):
+    kind, sep, rest = uri.partition(":")
+    if kind != "tcp" or not sep:
+        raise ColocoreError("%s: unsupported URI %r; use tcp:HOST:PORT or file:PATH" % (what, uri))
+    host, sep, port = rest.rpartition(":")
+    try:
+        port_no = int(port)
+    except ValueError:
+        port_no = -1
+    if not sep or not 0 < port_no < 65536:
+        raise ColocoreError("%s: bad address %r; use tcp:HOST:PORT" % (what, uri))
+    return host or "127.0.0.1", port_no
+
+
+def _tune(sock):
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt, val in ((socket.SO_SNDBUF, 8 << 20), (socket.SO_RCVBUF, 8 << 20)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, val)
+        except OSError:
+            pass
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+class Channel:
+    def __init__(self, sock, peer):
+        self.sock = sock
+        self.peer = peer
+        self.send_lock = threading.Lock()   # the return path may be written by two threads
+        self.bytes_sent = 0
+        self.last_heard = time.monotonic()
+        self.closed = False
+        self.reader = stream.Reader(self._read_exact, "migration stream from %s" % peer)
+
+    @classmethod
+    def connect(cls, uri, timeout=5.0):
+        host, port = parse_tcp_uri(uri)
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise ColocoreError("cannot reach %s: %s; is the secondary running with "
+                                "--incoming %s?" % (uri, exc.strerror or exc, uri)) from None
+        _tune(sock)
+        sock.settimeout(None)
+        return cls(sock, uri)
+
+    # ---- sending -----------------------------------------------------------------
+
+    def send(self, *buffers):
+        with self.send_lock:
+            try:
+                for b in buffers:
+                    self.sock.sendall(b)
+                    self.bytes_sent += len(b)
+            except OSError as exc:
+                raise PeerLost("lost the connection to %s while sending: %s"
+                               % (self.peer, exc.strerror or exc)) from None
+
+    def send_section(self, kind, payload):
+        self.send(*stream.pack_section(kind, payload))
+
+    def send_msg(self, msg, extra=b""):
+        self.send(U32.pack(int(msg)) + extra)
+
+    # ---- receiving -----------------------------------------------------------------
+
+    def _read_exact(self, n, timeout=None):
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            try:
+                k = self.sock.recv_into(view[got:], n - got)
+            except TimeoutError:
+                raise PeerLost("%s said nothing for %.1f s" % (self.peer, self.sock.gettimeout())) from None
+            except OSError as exc:
+                raise PeerLost("lost the connection to %s: %s" % (self.peer, exc.strerror or exc)) from None
+            if k == 0:
+                raise EOFError
+            got += k
+        self.last_heard = time.monotonic()
+        return bytes(buf)
+
+    def read_exact(self, n):
+        try:
+            return self._read_exact(n)
+        except EOFError:
+            raise PeerLost("%s closed the connection" % self.peer) from None
+
+    def set_timeout(self, seconds):
+        self.sock.settimeout(seconds if seconds and seconds > 0 else None)
+
+    def recv_msg(self, skip_heartbeats=True):
+        """The next message (Msg, and the SHUT reason when there is one)."""
+        while True:
+            (value,) = U32.unpack(self.read_exact(4))
+            try:
+                msg = Msg(value)
+            except ValueError:
+                raise StreamError("unknown COLO message %d from %s" % (value, self.peer)) from None
+            if msg == Msg.HEARTBEAT and skip_heartbeats:
+                continue
+            if msg == Msg.SHUT:
+                (n,) = U32.unpack(self.read_exact(4))
+                if n > 4096:
+                    raise StreamError("oversized SHUT reason from %s" % self.peer)
+                reason = self.read_exact(n).decode("utf-8", "replace")
+                raise ColocoreError("the secondary refused: %s" % reason)
+            return msg
+
+    def expect(self, want):
+        msg = self.recv_msg()
+        if msg != want:
+            raise StreamError("COLO protocol: expected %s from %s, got %s"
+                              % (want.name.lower().replace("_", "-"), self.peer,
+                                 msg.name.lower().replace("_", "-")))
+        return msg
+
+    def read_u64(self):
+        return U64.unpack(self.read_exact(8))[0]
+
+    def wait_readable(self, timeout):
+        r, _, _ = select.select([self.sock], [], [], timeout)
+        return bool(r)
+
+    def shut(self, reason):
+        try:
+            data = reason.encode()[:4096]
+            self.send(U32.pack(Msg.SHUT) + U32.pack(len(data)) + data)
+        except ColocoreError:
+            pass
+
+    def close(self):
+        """Close both directions; a thread blocked in recv on it wakes with an error."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class Listener:
+    """--incoming tcp:HOST:PORT: listens at start-up, accepts one primary."""
+
+    def __init__(self, uri):
+        host, port = parse_tcp_uri(uri, "--incoming")
+        self.uri = uri
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind((host, port))
+        except OSError as exc:
+            self.sock.close()
+            raise ColocoreError("--incoming %s: cannot listen: %s%s" % (
+                uri, exc.strerror or exc,
+                "; pick another port or stop what is listening there" if exc.errno == 98 else "")) from None
+        self.sock.listen(1)
+
+    def accept(self):
+        sock, addr = self.sock.accept()
+        _tune(sock)
+        return Channel(sock, "%s:%d" % addr[:2])
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
