@@ -27,7 +27,8 @@ class GuestMemory:
         self.ram = vm.memory()
         self.size = vm.mem_size
         self.npages = self.size // PAGE
-        self.dirty = dirtylog.DirtyLog(vm.fd, 0, vm.mem_addr, vm.mem_size)
+        self.dirty = dirtylog.DirtyLog(vm.fd, 0, vm.mem_addr, vm.mem_size,
+                                       manual_protect=vm.manual_protect)
 
     def mark_dirty(self, gpa, length):
         """Device emulation wrote guest RAM: KVM did not see it, the software bitmap does."""

@@ -25,6 +25,8 @@ from colocore_ext.kvm_defs cimport *
 
 import os
 
+from colocore_ext.dirtylog import enable_manual_protect
+
 cdef extern from "<pthread.h>" nogil:
     ctypedef unsigned long pthread_t
     pthread_t pthread_self()
@@ -131,7 +133,8 @@ cdef class Vm:
         ioctl(self.fd, KVM_SET_TSS_ADDR, <unsigned long>0xfffbd000)
         self.manual_protect = False
         if dirty_log:
-            self.manual_protect = _enable_manual_protect(self.fd)
+            # before the memslot exists, as KVM requires
+            self.manual_protect = enable_manual_protect(self.fd)
         cdef void *p = mmap(NULL, mem_size, PROT_READ | PROT_WRITE,
                             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         if p == MAP_FAILED:
@@ -176,14 +179,6 @@ cdef class Vm:
             close(self.fd)
         if self.kvm_fd >= 0:
             close(self.kvm_fd)
-
-
-cdef bint _enable_manual_protect(int vm_fd):
-    cdef kvm_enable_cap cap
-    memset(&cap, 0, sizeof(cap))
-    cap.cap = KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
-    cap.args[0] = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
-    return ioctl(vm_fd, KVM_ENABLE_CAP, &cap) == 0
 
 
 cdef class Vcpu:
