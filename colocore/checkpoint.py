@@ -17,7 +17,7 @@ import time
 
 from colocore_ext import lz4batch, pages, xbzrle
 
-from . import cpustate, memory, stream
+from . import cpustate, faults, memory, stream
 from .errors import StreamError
 from .machine import decode_devices, encode_devices
 from .stream import Section
@@ -26,6 +26,7 @@ from .transport import Msg, U64
 PAGE = memory.PAGE
 DELTA_HEAD = struct.Struct("<I")
 MAX_DEVICE_STATE = 64 << 20
+ZERO_PAGE = bytes(PAGE)
 
 
 class Staged:
@@ -56,7 +57,7 @@ class Stager:
         m = self.machine
         st = Staged()
         st.t_start = time.perf_counter()
-        m.park_quietly()
+        was_running = m.park_quietly()
         try:
             pfns = m.memory.harvest()
             self._ensure(len(pfns))
@@ -67,7 +68,7 @@ class Stager:
             st.marks = (m.console_out.produced, m.serial_out.produced)
             st.digest = self._digest() if self.verify else None
         finally:
-            m.unpark_quietly()
+            m.unpark_quietly(was_running)
         st.pause_s = time.perf_counter() - st.t_start
         return st
 
@@ -88,7 +89,7 @@ class Stager:
         ch.send_msg(Msg.VMSTATE_SEND)
         ch.send_section(Section.CHECKPOINT, json.dumps(info).encode())
         if use_xbzrle:
-            self._send_xbzrle(ch, nonzero, compress)
+            self._send_xbzrle(ch, nonzero, zero, compress)
         else:
             for i in range(0, len(nonzero), memory.BATCH_PAGES):
                 chunk = memoryview(self.staging)[i * PAGE:min(len(nonzero), i + memory.BATCH_PAGES) * PAGE]
@@ -96,6 +97,11 @@ class Stager:
                     nonzero[i:i + memory.BATCH_PAGES], chunk, compress))
         if len(zero):
             ch.send_section(Section.RAM_ZERO, zero.tobytes())
+        if faults.armed("mid-ram", checkpoint_id):
+            framed = stream.section_bytes(Section.RAM, memory.ram_payload(
+                array.array("I", [0]), bytes(PAGE), False))
+            ch.send(framed[:len(framed) // 2])
+            faults.crash("mid-ram", checkpoint_id)
         ch.send_section(Section.END, b"")
         ram_bytes = ch.bytes_sent - start
         devstate = b"".join(
@@ -105,17 +111,26 @@ class Stager:
         if st.digest is not None:      # debug mode: per-page hashes of the whole RAM
             devstate += stream.section_bytes(Section.CHECKPOINT, st.digest.tobytes())
         devstate += stream.section_bytes(Section.END, b"")
+        faults.crash("before-devstate", checkpoint_id)
         ch.send_msg(Msg.VMSTATE_SIZE, U64.pack(len(devstate)))
+        if faults.armed("mid-devstate", checkpoint_id):
+            ch.send(devstate[:len(devstate) // 2])
+            faults.crash("mid-devstate", checkpoint_id)
         ch.send(devstate)
         raw = len(st.pfns) * PAGE + len(devstate)
         return ch.bytes_sent - start, raw, ram_bytes
 
-    def _send_xbzrle(self, ch, nonzero, compress):
+    def _send_xbzrle(self, ch, nonzero, zero, compress):
         size = self.settings.parameters["xbzrle-cache-size"]
         if self.cache is None or self.cache_size != size:
             self.cache = xbzrle.XbzrleCache(size)
             self.cache_size = size
         self.cache.advance()
+        # A page sent as "zero" is now all zeroes on the secondary: its cached copy must
+        # say so too, or the next delta would be taken against stale bytes.
+        for p in zero:
+            if p in self.cache:
+                self.cache.insert(p, ZERO_PAGE)
         for i in range(0, len(nonzero), memory.BATCH_PAGES):
             pf = nonzero[i:i + memory.BATCH_PAGES]
             raw = memoryview(self.staging)[i * PAGE:(i + len(pf)) * PAGE]

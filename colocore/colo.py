@@ -23,6 +23,7 @@ import threading
 import time
 
 from colocore_ext import pages
+from . import faults
 from .checkpoint import Stager, receive
 from .errors import ColocoreError, StreamError
 from .failover import Failover, FailoverState
@@ -47,6 +48,7 @@ class ColoStats:
         self.total_raw = 0
         self.last_latency_ms = 0.0
         self.verify_mismatches = 0
+        self.verified = 0
 
     @property
     def mean_pause_ms(self):
@@ -86,8 +88,9 @@ class Colo:
                  "failover state: %s" % self.failover.state.value,
                  "peer: %s%s" % (self.peer_state, (" (%s)" % self.peer_error) if self.peer_error else ""),
                  "checkpoints: %d" % self.stats.checkpoints]
-        if self.stats.verify_mismatches:
-            lines.append("verify mismatches: %d" % self.stats.verify_mismatches)
+        if self.stats.verified or self.stats.verify_mismatches:
+            lines.append("verified checkpoints: %d, mismatches: %d"
+                         % (self.stats.verified, self.stats.verify_mismatches))
         return "\n".join(lines)
 
     def status(self):
@@ -168,13 +171,16 @@ class Colo:
                 t0 = time.perf_counter()
                 ch.send_msg(Msg.CHECKPOINT_REQUEST)
                 ch.expect(Msg.CHECKPOINT_REPLY)
+                faults.crash("after-request", checkpoint_id)
                 st = stager.stage()
                 sent, raw, _ = stager.send(ch, st, checkpoint_id)
                 ch.expect(Msg.VMSTATE_RECEIVED)
+                faults.crash("after-received", checkpoint_id)
                 # output commit: the secondary holds the state that produced these bytes
                 m.console_out.release(st.marks[0])
                 m.serial_out.release(st.marks[1])
                 ch.expect(Msg.VMSTATE_LOADED)
+                faults.crash("after-loaded", checkpoint_id)
                 self._account(checkpoint_id, st, sent, raw, (time.perf_counter() - t0) * 1000)
         except (PeerLost, StreamError, ColocoreError, OSError) as exc:
             if self.failover.state == FailoverState.NONE:
@@ -221,7 +227,7 @@ class Colo:
         s.last_latency_ms = latency_ms
         self.node.emit_event("COLO_CHECKPOINT", {
             "id": checkpoint_id, "pause-ms": round(pause_ms, 3),
-            "dirty-pages": len(st.pfns), "bytes": sent,
+            "dirty-pages": len(st.pfns), "bytes": sent, "raw-bytes": raw,
             "compression-ratio": round(raw / sent, 3) if sent else 0.0,
             "latency-ms": round(latency_ms, 3)})
 
@@ -307,6 +313,7 @@ class Colo:
         mine = pages.page_hashes(mem.ram, mem.all_pages())
         bad = [] if mine == cp.digest else \
             [p for p, (a, b) in enumerate(zip(mine, cp.digest)) if a != b]
+        self.stats.verified += 1
         if bad:
             self.stats.verify_mismatches += 1
             log.error("COLO verify: checkpoint %s: %d pages differ from the primary (first: %s)",

@@ -266,16 +266,24 @@ class Machine:
         return took
 
     def park_quietly(self):
-        """Pause for a checkpoint: no run state change, no events, shortest path."""
+        """Pause for a checkpoint: no run state change, no events, shortest path.
+
+        Returns whether the vCPU was meant to run; pass it to unpark_quietly, so that a
+        guest the operator stopped stays stopped across checkpoints."""
         with self._cond:
+            was_running = self._want_run
             self._want_run = False
             self.vcpu.kick()
             self.platform.wake()
             while not self._parked:
                 if not self._cond.wait(PAUSE_TIMEOUT):
+                    self._want_run = was_running
                     raise ColocoreError("vCPU did not stop within %.1f s" % PAUSE_TIMEOUT)
+        return was_running
 
-    def unpark_quietly(self):
+    def unpark_quietly(self, was_running):
+        if not was_running:
+            return
         with self._cond:
             self._want_run = True
             self._cond.notify_all()

@@ -4,6 +4,7 @@
 once), then runs the transfer on the migration thread. Status names are QEMU's: none,
 setup, active, completed, failed, cancelled (and colo, once COLO exists).
 """
+import array
 import asyncio
 import json
 import logging
@@ -104,12 +105,24 @@ class Migration:
             try:
                 work()
             except MigrationCancelled:
-                pass
+                exc = MigrationCancelled()
             except ColocoreError as e:
-                exc = e
+                # migrate_cancel closes the channel: the send that fails is the cancel
+                exc = MigrationCancelled() if self.cancel_requested.is_set() else e
             except Exception as e:  # noqa: BLE001
-                log.exception("migration failed")
-                exc = ColocoreError("migration failed: %s" % e)
+                if self.cancel_requested.is_set():
+                    exc = MigrationCancelled()
+                else:
+                    log.exception("migration failed")
+                    exc = ColocoreError("migration failed: %s" % e)
+            if isinstance(exc, MigrationCancelled):
+                log.info("migration cancelled; the guest keeps running here")
+                self.channel = None
+                try:
+                    self.set_status("cancelled")
+                except ColocoreError:
+                    pass
+                exc = None
             if exc is not None:
                 self.error = str(exc)
                 log.error("%s", exc)
@@ -266,8 +279,12 @@ class Migration:
             else:
                 m.set_runstate("finish-migrate")
             try:
-                dirty = mem.harvest()
-                self._send_pages(ch, dirty, staging, compress, True, 0)
+                # The pages of the last harvest were not sent yet: they go with the final
+                # ones (dropping them here would leave the destination with stale pages).
+                final = mem.harvest()
+                if len(dirty):
+                    final = array.array("I", sorted(set(dirty).union(final)))
+                self._send_pages(ch, final, staging, compress, True, 0)
                 if colo:
                     # From here on guest output is held until the secondary has the state
                     # that produced it (output commit); what is pending now is in DEVICES.
@@ -321,11 +338,11 @@ class Migration:
         m = self.node.machine
         if m.runstate != "running":
             return m.memory.harvest()
-        m.park_quietly()
+        was_running = m.park_quietly()
         try:
             return m.memory.harvest()
         finally:
-            m.unpark_quietly()
+            m.unpark_quietly(was_running)
 
     def _measured_bw(self, ch, t0):
         dt = time.monotonic() - t0

@@ -151,6 +151,22 @@ class HmpCommands:
             node.colo.request_failover()
             return ""
 
+        @self.command("xp", "addr [len]", "hex dump of guest physical memory (debug)")
+        def _xp(args):
+            if not args or len(args) > 2:
+                raise HmpError("usage: xp ADDR [LEN]")
+            try:
+                addr = int(args[0], 0)
+                length = int(args[1], 0) if len(args) > 1 else 64
+            except ValueError:
+                raise HmpError("xp: ADDR and LEN are numbers (0x... for hex)") from None
+            ram = node.machine.memory.ram
+            if addr < 0 or length <= 0 or length > 65536 or addr + length > len(ram):
+                raise HmpError("xp: 0x%x+%d is outside guest RAM (%d bytes)" % (addr, length, len(ram)))
+            data = bytes(ram[addr:addr + length])
+            return "\n".join("%016x: %s" % (addr + i, data[i:i + 16].hex(" "))
+                             for i in range(0, len(data), 16))
+
         @self.command("migrate_cancel", "", "cancel the current VM migration")
         def _cancel(args):
             node.migration.cancel()

@@ -4,6 +4,7 @@ The control thread runs an asyncio loop (monitor, chardevs, signals); the machin
 its vCPU thread; migrations run on the migration thread. See docs/DESIGN.md.
 """
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -40,6 +41,17 @@ def parse_mem(text):
     return value
 
 
+def _stats_writer(path):
+    """--stats-file: one JSON line per COLO checkpoint (benchmarks), written by the
+    control loop, so the checkpoint loop and its pause never wait for the disk."""
+    f = open(path, "a", buffering=1)
+
+    def write(name, data, stamp):
+        if name == "COLO_CHECKPOINT":
+            f.write(json.dumps(dict(data, time=round(stamp, 6))) + "\n")
+    return write
+
+
 class Node:
     def __init__(self, args):
         self.args = args
@@ -57,9 +69,11 @@ class Node:
         self.quitting = False
         self.args_verify = bool(getattr(args, "colo_verify", False))
         self.hmp = HmpCommands(self)
+        if getattr(args, "stats_file", None):
+            self.event_listeners.append(_stats_writer(args.stats_file))
         # validate every chardev spec before anything is created
         self.specs = {}
-        for what in ("console", "serial", "monitor"):
+        for what in ("console", "serial", "monitor", "qmp"):
             value = getattr(args, what, None)
             if value:
                 self.specs[what] = parse_chardev(value, "--" + what)
@@ -122,7 +136,8 @@ class Node:
         m.serial_out.attach(self.loop.call_soon_threadsafe)
         # A destination opens its guest chardevs only when it starts serving: before
         # that, a client must not talk to a guest that is not the live one.
-        await self._open_chardevs(("monitor",) if tcp_incoming else ("console", "serial", "monitor"))
+        await self._open_chardevs(("monitor", "qmp") if tcp_incoming
+                                  else ("console", "serial", "monitor", "qmp"))
         m.start_thread()
         if tcp_incoming:
             self.incoming.start()
@@ -168,7 +183,7 @@ class Node:
         for what in which:
             if what not in self.specs or what in self.chardevs:
                 continue
-            cd = Chardev(self.specs[what], what, shared=(what == "monitor"))
+            cd = Chardev(self.specs[what], what, shared=(what in ("monitor", "qmp")))
             await cd.open(self.loop)
             self.chardevs[what] = cd
             if what == "console":
@@ -185,6 +200,9 @@ class Node:
                 m.serial_out._deliver = cd.write
             elif what == "monitor":
                 attach_monitor(self.hmp, cd)
+            elif what == "qmp":
+                from .qmp import attach_qmp
+                attach_qmp(self, cd)
 
     def _resume_clients(self):
         while self._paused_clients:

@@ -5,6 +5,7 @@ Every process started here is remembered by pid and stopped again by `stop()` or
 """
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,7 +16,7 @@ from .monitor_client import MonitorClient
 
 
 class NodeProcess:
-    def __init__(self, name, workdir, run_args, log_path=None):
+    def __init__(self, name, workdir, run_args, log_path=None, env=None, qmp=False):
         self.name = name
         self.workdir = workdir
         self.monitor_path = os.path.join(workdir, "%s-mon.sock" % name)
@@ -24,9 +25,18 @@ class NodeProcess:
         argv = [sys.executable, "-m", "colocore", "run", "--name", name,
                 "--monitor", "unix:%s,server=on,wait=off" % self.monitor_path,
                 "--console", "unix:%s,server=on,wait=off" % self.console_path] + list(run_args)
+        # qmp=True: also a QMP socket, NAME-qmp.sock beside the monitor's
+        self.qmp_path = os.path.join(workdir, "%s-qmp.sock" % name) if qmp else None
+        if qmp:
+            argv += ["--qmp", "unix:%s,server=on,wait=off" % self.qmp_path]
         self.logf = open(self.log_path, "ab")
+        full_env = None
+        if env:
+            full_env = dict(os.environ)
+            full_env.update(env)
         self.proc = subprocess.Popen(argv, stdout=self.logf, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     env=full_env)
         self.pid = self.proc.pid
         self.monitor = None
 
@@ -102,10 +112,10 @@ class NodeSet:
         self.workdir = workdir
         self.nodes = {}
 
-    def start(self, name, run_args):
+    def start(self, name, run_args, env=None, qmp=False):
         if name in self.nodes:
             self.nodes[name].stop()
-        node = NodeProcess(name, self.workdir, run_args)
+        node = NodeProcess(name, self.workdir, run_args, env=env, qmp=qmp)
         self.nodes[name] = node
         return node
 
@@ -120,3 +130,57 @@ class NodeSet:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_for(node, command, pattern, timeout=30.0):
+    """Poll an HMP command until its output contains `pattern`; return the output."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = node.hmp(command)
+        if pattern in out:
+            return out
+        if node.proc.poll() is not None:
+            raise ColocoreError("node %s died while waiting for %r; log:\n%s"
+                                % (node.name, pattern, node.log_tail()))
+        if time.monotonic() > deadline:
+            raise ColocoreError("node %s: %r never showed %r; last output:\n%s"
+                                % (node.name, command, pattern, out))
+        time.sleep(0.02)
+
+
+def start_protected_pair(nodes, kernel="kvstore", append="", mem="256M", delay_ms=200,
+                         verify=False, primary_env=None, secondary_env=None,
+                         primary_extra=(), secondary_extra=(), capabilities=()):
+    """A primary and a secondary on loopback, x-colo on, in COLO. Returns (pri, sec)."""
+    port = free_port()
+    uri = "tcp:127.0.0.1:%d" % port
+    verify_arg = ["--colo-verify"] if verify else []
+    sec = nodes.start("secondary", ["-m", mem, "--incoming", uri, *verify_arg, *secondary_extra],
+                      env=secondary_env)
+    pri_args = ["--kernel", kernel, "-m", mem, *verify_arg, *primary_extra]
+    if append:
+        pri_args += ["--append", append]
+    pri = nodes.start("primary", pri_args, env=primary_env)
+    sec.wait_monitor()
+    pri.wait_monitor()
+    for cap in ("x-colo", *capabilities):
+        out = pri.hmp("migrate_set_capability %s on" % cap)
+        if out:
+            raise ColocoreError("primary refused %s: %s" % (cap, out))
+    out = pri.hmp("migrate_set_parameter x-checkpoint-delay %d" % delay_ms)
+    if out:
+        raise ColocoreError("primary refused the checkpoint delay: %s" % out)
+    out = pri.hmp("migrate %s" % uri)
+    if out:
+        raise ColocoreError("migrate failed: %s" % out)
+    wait_for(pri, "info migrate", "Migration status: colo")
+    wait_for(sec, "info colo", "COLO mode: secondary")
+    return pri, sec

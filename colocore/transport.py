@@ -88,14 +88,41 @@ class Channel:
     # ---- sending -----------------------------------------------------------------
 
     def send(self, *buffers):
+        if self.closed:
+            raise PeerLost("the channel to %s is closed" % self.peer)
         with self.send_lock:
             try:
                 for b in buffers:
                     self.sock.sendall(b)
                     self.bytes_sent += len(b)
             except OSError as exc:
+                reason = self._pending_shut()
+                if reason:
+                    raise ColocoreError("the secondary refused: %s" % reason) from None
                 raise PeerLost("lost the connection to %s while sending: %s"
                                % (self.peer, exc.strerror or exc)) from None
+
+    def _pending_shut(self):
+        """After a failed send: did the peer leave a SHUT with its reason on the return path?"""
+        data = b""
+        try:
+            self.sock.settimeout(0.5)
+            while len(data) < 8 + 4096:
+                chunk = self.sock.recv(8 + 4096 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+        except OSError:
+            pass
+        while len(data) >= 4:
+            (value,) = U32.unpack_from(data)
+            if value == Msg.SHUT and len(data) >= 8:
+                (n,) = U32.unpack_from(data, 4)
+                return data[8:8 + n].decode("utf-8", "replace")
+            if value != Msg.HEARTBEAT:
+                return None
+            data = data[4:]
+        return None
 
     def send_section(self, kind, payload):
         self.send(*stream.pack_section(kind, payload))
@@ -165,10 +192,17 @@ class Channel:
         return bool(r)
 
     def shut(self, reason):
+        """Tell the peer why we refuse, and make sure it can read it: half-close, then
+        drain what it still sends (closing with unread data would reset the connection
+        and could discard the reason before the peer reads it)."""
         try:
             data = reason.encode()[:4096]
             self.send(U32.pack(Msg.SHUT) + U32.pack(len(data)) + data)
-        except ColocoreError:
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(2.0)
+            while self.sock.recv(1 << 16):
+                pass
+        except (ColocoreError, OSError):
             pass
 
     def close(self):

@@ -62,24 +62,55 @@ cdef inline Py_ssize_t _uleb_put(uint8_t *p, Py_ssize_t v) noexcept nogil:
     return 3
 
 
+cdef extern from *:
+    """
+    #include <emmintrin.h>
+    /* First index >= i where a and b differ, or n: 64 bytes per step while they are equal
+       (the common case: most of a page is unchanged), then the exact byte from the mask. */
+    static inline Py_ssize_t cc_find_diff(const unsigned char *a, const unsigned char *b,
+                                          Py_ssize_t i, Py_ssize_t n) {
+        unsigned int m;
+        while (i + 64 <= n) {
+            __m128i e0 = _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(a + i)),
+                                        _mm_loadu_si128((const __m128i *)(b + i)));
+            __m128i e1 = _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(a + i + 16)),
+                                        _mm_loadu_si128((const __m128i *)(b + i + 16)));
+            __m128i e2 = _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(a + i + 32)),
+                                        _mm_loadu_si128((const __m128i *)(b + i + 32)));
+            __m128i e3 = _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(a + i + 48)),
+                                        _mm_loadu_si128((const __m128i *)(b + i + 48)));
+            m = (unsigned int)_mm_movemask_epi8(_mm_and_si128(_mm_and_si128(e0, e1),
+                                                               _mm_and_si128(e2, e3)));
+            if (m != 0xFFFF) {
+                m = (unsigned int)_mm_movemask_epi8(e0) ^ 0xFFFF;
+                if (m) return i + __builtin_ctz(m);
+                m = (unsigned int)_mm_movemask_epi8(e1) ^ 0xFFFF;
+                if (m) return i + 16 + __builtin_ctz(m);
+                m = (unsigned int)_mm_movemask_epi8(e2) ^ 0xFFFF;
+                if (m) return i + 32 + __builtin_ctz(m);
+                m = (unsigned int)_mm_movemask_epi8(e3) ^ 0xFFFF;
+                return i + 48 + __builtin_ctz(m);
+            }
+            i += 64;
+        }
+        while (i + 16 <= n) {
+            m = (unsigned int)_mm_movemask_epi8(_mm_cmpeq_epi8(
+                    _mm_loadu_si128((const __m128i *)(a + i)),
+                    _mm_loadu_si128((const __m128i *)(b + i)))) ^ 0xFFFF;
+            if (m) return i + __builtin_ctz(m);
+            i += 16;
+        }
+        while (i < n && a[i] == b[i]) i++;
+        return i;
+    }
+    """
+    Py_ssize_t cc_find_diff(const uint8_t *a, const uint8_t *b, Py_ssize_t i, Py_ssize_t n) noexcept nogil
+
+
 cdef inline Py_ssize_t _find_diff(const uint8_t *a, const uint8_t *b, Py_ssize_t i,
                                   Py_ssize_t n) noexcept nogil:
     """First index >= i where a and b differ, or n."""
-    cdef uint64_t x
-    while i + 32 <= n:
-        x = ((load64(a + i) ^ load64(b + i)) | (load64(a + i + 8) ^ load64(b + i + 8)) |
-             (load64(a + i + 16) ^ load64(b + i + 16)) | (load64(a + i + 24) ^ load64(b + i + 24)))
-        if x:
-            break
-        i += 32
-    while i + 8 <= n:
-        x = load64(a + i) ^ load64(b + i)
-        if x:
-            return i + (ctz64(x) >> 3)
-        i += 8
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    return cc_find_diff(a, b, i, n)
 
 
 cdef inline Py_ssize_t _find_equal(const uint8_t *a, const uint8_t *b, Py_ssize_t i,
@@ -119,7 +150,10 @@ cdef Py_ssize_t xbzrle_encode(const uint8_t *new, const uint8_t *old, Py_ssize_t
             return -1
         d += _uleb_put(out + d, zrun)
         d += _uleb_put(out + d, nzrun)
-        memcpy(out + d, new + start, nzrun)
+        if nzrun <= 16 and d + 16 <= limit and start + 16 <= n:
+            memcpy(out + d, new + start, 16)     # fixed size: one 16-byte move, no call
+        else:
+            memcpy(out + d, new + start, nzrun)
         d += nzrun
 
 

@@ -1,0 +1,26 @@
+"""Crash points for tests: the primary kills itself with SIGKILL at a chosen moment of a
+chosen checkpoint, so tests can cut the protocol exactly where they want (mid-send,
+between vmstate-received and vmstate-loaded, ...).
+
+    COLOCORE_CRASH_AT=POINT[:CHECKPOINT]     e.g. mid-ram:3, after-received:2
+
+Off (the default) it costs one comparison per point.
+"""
+import os
+import signal
+
+_spec = os.environ.get("COLOCORE_CRASH_AT", "")
+POINT, _, _n = _spec.partition(":")
+CHECKPOINT = int(_n) if _n.isdigit() else 1
+
+POINTS = ("after-request", "mid-ram", "before-devstate", "mid-devstate", "after-received",
+          "after-loaded")
+
+
+def armed(point, checkpoint_id):
+    return POINT == point and checkpoint_id == CHECKPOINT
+
+
+def crash(point, checkpoint_id):
+    if POINT == point and checkpoint_id == CHECKPOINT:
+        os.kill(os.getpid(), signal.SIGKILL)
