@@ -1,0 +1,126 @@
+"""The console against a real local pair over QMP, driven with App.run_test() and Pilot.
+
+Every node is started through the `nodes` fixture (or the --demo pair) and stopped by pid
+after the test, pass or fail.
+"""
+import asyncio
+import time
+
+import psutil
+import pytest
+
+from colocore.procs import start_protected_pair
+from colocore_tui.app import create_app
+from colocore_tui.delay_screen import DelayScreen
+from colocore_tui.failover_screen import FailoverScreen
+from colocore_tui.timeline import CheckpointTimeline
+from textual.widgets import Input, Sparkline
+
+pytestmark = pytest.mark.kvm
+
+
+def protected_pair(nodes):
+    paths = {r: "%s/%s-qmp.sock" % (nodes.workdir, r) for r in ("primary", "secondary")}
+    pri, sec = start_protected_pair(
+        nodes, primary_extra=("--qmp", "unix:%s,server=on,wait=off" % paths["primary"]),
+        secondary_extra=("--qmp", "unix:%s,server=on,wait=off" % paths["secondary"]))
+    return pri, sec, {r: "unix:" + p for r, p in paths.items()}
+
+
+async def wait_until(pilot, cond, what, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for %s" % what)
+        await pilot.pause(0.05)
+
+
+def logged(app, text):
+    return any(text in entry[2] for entry in app.query_one("#events").entries)
+
+
+def test_timeline_fills_and_delay_is_set_on_the_node(nodes):
+    pri, sec, addr = protected_pair(nodes)
+
+    async def scenario():
+        app = create_app(addr["primary"], addr["secondary"])
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_until(pilot, lambda: len(app.history) >= 8, "8 checkpoints in the timeline")
+            pv, sv = app.views["primary"], app.views["secondary"]
+            await wait_until(pilot, lambda: pv.colo_mode == "primary" and sv.colo_mode == "secondary",
+                             "both panels in COLO")
+            assert pv.link == sv.link == "connected"
+            assert pv.migration == "colo" and pv.vm_status == "running"
+            assert pv.pid == pri.pid and sv.pid == sec.pid          # local: psutil figures
+            assert pv.rss_bytes and pv.rss_bytes > 0
+            chart = app.query_one(CheckpointTimeline).query_one("#chart-pause_ms", Sparkline)
+            assert len(chart.data) >= 8
+            p50, p99 = app.history.pause_percentiles()
+            assert 0 < p50 <= p99
+            assert 2 < app.history.per_second() < 8                 # 200 ms delay
+            settings = app.query_one("#settings")
+            await wait_until(pilot, lambda: settings.parameters.get("x-checkpoint-delay") == 200,
+                             "the primary's parameters")
+            assert settings.capabilities.get("x-colo") is True
+
+            await pilot.press("d")
+            await wait_until(pilot, lambda: isinstance(app.screen, DelayScreen), "the delay dialog")
+            app.screen.query_one(Input).value = ""
+            await pilot.press("3", "5", "0", "enter")
+            await wait_until(pilot, lambda: settings.parameters.get("x-checkpoint-delay") == 350,
+                             "the new delay read back from the node")
+            assert logged(app, "x-checkpoint-delay set to 350 ms")
+        assert "x-checkpoint-delay: 350 ms" in pri.hmp("info migrate_parameters")
+
+    asyncio.run(scenario())
+
+
+def test_primary_dies_and_failover_makes_the_secondary_take_over(nodes):
+    pri, sec, addr = protected_pair(nodes)
+
+    async def scenario():
+        app = create_app(addr["primary"], addr["secondary"])
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_until(pilot, lambda: len(app.history) >= 3, "checkpoints flowing")
+            pri.kill()                                  # the primary's host dies (by pid)
+            pv, sv = app.views["primary"], app.views["secondary"]
+            await wait_until(pilot, lambda: pv.link == "lost", "the primary shown as lost")
+            assert logged(app, "connection lost")
+            await pilot.press("f")
+            await wait_until(pilot, lambda: isinstance(app.screen, FailoverScreen),
+                             "the failover confirmation")
+            await pilot.press("s")
+            await wait_until(pilot, lambda: sv.failover == "completed" and sv.vm_status == "running",
+                             "the secondary's failover to complete", timeout=10)
+            await wait_until(pilot, lambda: sv.colo_mode == "none" and sv.last_mode == "secondary",
+                             "the secondary out of COLO")
+            assert logged(app, "failover requested: secondary takes over")
+            assert logged(app, "-> completed")
+            await wait_until(pilot, lambda: logged(app, "COLO_EXIT"), "COLO_EXIT in the log")
+            panel = app.query_one("#panel-secondary")
+            assert panel.view.failover == "completed" and panel.has_class("-connected")
+            assert app.query_one("#panel-primary").has_class("-lost")
+            assert pv.link == "lost"                    # and the console itself is fine
+        assert "failover state: completed" in sec.hmp("info colo")
+
+    asyncio.run(scenario())
+
+
+def test_demo_starts_a_pair_and_quit_stops_it():
+    async def scenario():
+        app = create_app(demo=True)
+        pids = {}
+        try:
+            async with app.run_test(size=(80, 24)) as pilot:
+                await wait_until(pilot, lambda: len(app.history) >= 3, "demo checkpoints", timeout=25)
+                pids = app.demo.pids()
+                assert set(pids) == {"primary", "secondary"}
+                assert all(psutil.pid_exists(p) for p in pids.values())
+                await wait_until(pilot, lambda: app.demo.load.acked > 0, "the client load")
+                await pilot.press("q")
+        finally:
+            app.demo.close()
+        return pids
+
+    pids = asyncio.run(scenario())
+    assert pids and not any(psutil.pid_exists(p) for p in pids.values())

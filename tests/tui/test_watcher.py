@@ -1,0 +1,99 @@
+"""The console without nodes: a fake QMP link that can go away and come back.
+No KVM needed."""
+import asyncio
+import time
+
+from colocore_tui.app import create_app
+from colocore_tui.link import LinkLost
+from colocore_tui.model import CheckpointHistory, CheckpointRecord, percentile
+from colocore_tui.watcher import parse_info_colo
+
+ANSWERS = {
+    "query-status": {"running": True, "status": "running"},
+    "query-migrate": {"status": "colo"},
+    "query-colo-status": {"mode": "primary", "last-mode": "none", "reason": "none",
+                          "failover-state": "none"},
+    "human-monitor-command": "COLO mode: primary\nlast mode: none\nreason: none\n"
+                             "failover state: none\npeer: connected\ncheckpoints: 7",
+    "query-migrate-capabilities": [{"capability": "x-colo", "state": True}],
+    "query-migrate-parameters": {"x-checkpoint-delay": 200},
+}
+
+
+class FakeNode:
+    def __init__(self):
+        self.up = True
+        self.connects = 0
+
+    async def open(self, address):
+        if not self.up:
+            raise LinkLost("%s: connection refused" % address)
+        self.connects += 1
+        return FakeLink(self)
+
+
+class FakeLink:
+    def __init__(self, node):
+        self.node = node
+
+    async def execute(self, command, arguments=None):
+        if not self.node.up:
+            raise LinkLost("connection closed")
+        return ANSWERS[command]
+
+    async def next_event(self):
+        while self.node.up:
+            await asyncio.sleep(0.02)
+        raise LinkLost("connection closed")
+
+    async def close(self):
+        pass
+
+
+async def wait_until(pilot, cond, what, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out waiting for %s" % what
+        await pilot.pause(0.02)
+
+
+def test_lost_node_is_shown_and_reconnected():
+    node = FakeNode()
+
+    async def scenario():
+        app = create_app("unix:/nowhere/p.sock", opener=node.open)
+        async with app.run_test(size=(80, 24)) as pilot:
+            view = app.views["primary"]
+            await wait_until(pilot, lambda: view.link == "connected" and view.checkpoints == 7,
+                             "first connect")
+            node.up = False
+            await wait_until(pilot, lambda: view.link == "lost", "lost")
+            assert app.query_one("#panel-primary").has_class("-lost")
+            assert app.is_running
+            node.up = True
+            await wait_until(pilot, lambda: view.link == "connected", "reconnect")
+            assert node.connects == 2
+            texts = [e[2] for e in app.query_one("#events").entries]
+            assert any(t.startswith("connection lost") for t in texts)
+            assert texts.count("QMP connected") == 2
+
+    asyncio.run(scenario())
+
+
+def test_history_figures():
+    h = CheckpointHistory(size=100)
+    for i in range(1, 201):
+        h.add(CheckpointRecord(i, 1000 + i * 0.1, float(i % 100), 10, 1000, 2.0, 1.0))
+    assert len(h) == 100 and h.total == 200
+    p50, p99 = h.pause_percentiles()
+    assert p50 == 49.0 and p99 == 98.0
+    assert abs(h.per_second() - 10.0) < 1e-6
+    assert abs(h.throughput() - 10000.0) < 1e-3
+    assert not h.add(CheckpointRecord(200, 1000 + 200 * 0.1, 1.0, 1, 1, 1.0, 1.0))  # replay
+    assert percentile([], 50) == 0.0
+
+
+def test_info_colo_parsing():
+    assert parse_info_colo(ANSWERS["human-monitor-command"]) == {
+        "colo_mode": "primary", "last_mode": "none", "reason": "none", "failover": "none",
+        "peer": "connected", "checkpoints": 7}
