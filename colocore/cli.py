@@ -15,12 +15,15 @@ def _run_parser(sub):
     p.add_argument("--console", help="chardev of the virtio console (the guest's service)")
     p.add_argument("--serial", help="chardev of COM1 (default: the node's log)")
     p.add_argument("--monitor", help="chardev of the HMP monitor")
+    p.add_argument("--qmp", help="chardev of the QMP (JSON) monitor, e.g. unix:PATH,server=on,wait=off")
     p.add_argument("-S", action="store_true", help="do not start the guest (cont starts it)")
     p.add_argument("--incoming", help="file:PATH (restore a saved guest) or tcp:HOST:PORT "
                    "(wait for a live migration / become a COLO secondary)")
     p.add_argument("--name", help="the node's name (logs, events)")
     p.add_argument("--colo-verify", action="store_true",
                    help="debug: compare page hashes of secondary and primary at every checkpoint")
+    p.add_argument("--stats-file", metavar="PATH",
+                   help="append one JSON line per COLO checkpoint (pause, pages, bytes) to PATH")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -59,9 +62,16 @@ def main(argv=None):
     mon = sub.add_parser("monitor", help="talk to a node's HMP monitor")
     mon.add_argument("address", help="unix:PATH or tcp:HOST:PORT")
     mon.add_argument("command", nargs="*")
+    sc = sub.add_parser("script", help="run a scenario against nodes, headless (JSON lines out)")
+    sc.add_argument("file", help="the scenario file, or - for stdin")
+    sc.add_argument("--workdir", help="where started nodes keep sockets and logs (default: a temp dir)")
     b = sub.add_parser("bench", help="benchmarks")
-    b.add_argument("what", choices=["pipeline"])
+    b.add_argument("what", choices=["pipeline", "checkpoint", "failover", "migrate"])
     b.add_argument("--json", action="store_true")
+    b.add_argument("--trials", type=int, default=20, help="failover: number of trials")
+    b.add_argument("--capabilities", default="compress", metavar="CAP,...",
+                   help="checkpoint: migration capabilities of the primary (default compress)")
+    b.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # smoke tests
     args = parser.parse_args(argv)
     if args.cmd == "run":
         return cmd_run(args)
@@ -71,7 +81,14 @@ def main(argv=None):
     if args.cmd == "monitor":
         from . import monitor_client
         return monitor_client.main(args)
+    if args.cmd == "script":
+        from . import script
+        return script.main(args)
     if args.cmd == "bench":
+        if args.what != "pipeline":
+            from . import bench_colo
+            return bench_colo.main(args.what, json_out=args.json, trials=args.trials,
+                                   quick=args.quick, capabilities=args.capabilities)
         from . import bench_pipeline
         return bench_pipeline.main(["--json"] if args.json else [])
     return 2
