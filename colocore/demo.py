@@ -1,26 +1,25 @@
-"""`colocore demo`: boot kvstore, write keys, save to a file, restore in a new process,
-check every key, keep writing. Exit 0 only if nothing was lost."""
+"""`colocore demo`: the main job, a protected kvstore guest that survives its host.
+
+A primary and a secondary on loopback, x-colo on; a client writes keys to the primary
+while checkpoints flow (one line per checkpoint); the primary is killed with SIGKILL;
+`x_colo_lost_heartbeat` on the secondary; every key the client saw `OK` for is read back
+there; a summary; exit 0 only if nothing was lost. `--snapshot` runs the single-node
+save-to-file / restore job instead.
+"""
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 from .errors import ColocoreError
 from .kvclient import KvClient
-from .procs import NodeSet
+from .procs import NodeSet, start_protected_pair, wait_for
+from .qmp_client import QmpClient
 
 
-def main(args):
-    out = _Printer(args.json)
-    try:
-        ok = run(args.keys, out)
-    except ColocoreError as exc:
-        out.step("error", error=str(exc))
-        return 1
-    return 0 if ok else 1
-
-
-class _Printer:
+class Printer:
     def __init__(self, as_json):
         self.as_json = as_json
 
@@ -29,10 +28,117 @@ class _Printer:
             print(json.dumps(dict(step=name, **fields)), flush=True)
         else:
             extra = " ".join("%s=%s" % kv for kv in fields.items())
-            print("%-10s %s" % (name, extra), flush=True)
+            print("%-11s %s" % (name, extra), flush=True)
 
 
-def run(nkeys, out):
+def main(args):
+    out = Printer(args.json)
+    try:
+        if args.snapshot:
+            ok = run_snapshot(args.keys, out)
+        else:
+            ok = run_protected(args.keys, args.delay, args.seconds, out)
+    except ColocoreError as exc:
+        out.step("error", error=str(exc))
+        return 1
+    except KeyboardInterrupt:
+        out.step("error", error="interrupted; every node the demo started was stopped")
+        return 130
+    return 0 if ok else 1
+
+
+class KeyWriter(threading.Thread):
+    """A client that writes keys to the primary's kvstore and remembers the acknowledged."""
+
+    def __init__(self, address, window=256):
+        super().__init__(daemon=True, name="demo-writer")
+        self.kv = KvClient(address, timeout=30)
+        self.window = window
+        self.acked = {}
+        self.error = None
+        self.stop_flag = threading.Event()
+
+    def run(self):
+        i = 0
+        try:
+            while not self.stop_flag.is_set():
+                batch = [("key%07d" % (i + k), "v%d" % ((i + k) * 2654435761 % 1000003))
+                         for k in range(self.window)]
+                replies = self.kv.pipeline(["SET %s %s" % kv for kv in batch], window=self.window)
+                for (k, v), r in zip(batch, replies):
+                    if r == "OK":
+                        self.acked[k] = v
+                i += self.window
+        except (OSError, ColocoreError) as exc:
+            self.error = exc
+
+
+def run_protected(max_keys, delay_ms, seconds, out):
+    with NodeSet() as nodes:
+        t0 = time.monotonic()
+        pri, sec = start_protected_pair(nodes, kernel="kvstore", delay_ms=delay_ms, qmp=True,
+                                        capabilities=("compress",))
+        out.step("protected", primary_pid=pri.pid, secondary_pid=sec.pid,
+                 ms=round((time.monotonic() - t0) * 1000), delay_ms=delay_ms)
+        events = QmpClient("unix:" + pri.qmp_path)
+        writer = KeyWriter(pri.console)
+        writer.start()
+        deadline = time.monotonic() + seconds
+        checkpoints = 0
+        while time.monotonic() < deadline and len(writer.acked) < max_keys:
+            ev = events.get_event(timeout=0.5)
+            if ev is None or ev.get("event") != "COLO_CHECKPOINT":
+                continue
+            d = ev["data"]
+            checkpoints += 1
+            out.step("checkpoint", id=d["id"], pause_ms=d["pause-ms"], dirty_pages=d["dirty-pages"],
+                     bytes=d["bytes"], ratio=d["compression-ratio"], latency_ms=d["latency-ms"],
+                     keys_acked=len(writer.acked))
+        events.close()
+        pri.kill(signal.SIGKILL)
+        writer.join(10)
+        acked = dict(writer.acked)
+        out.step("crash", killed="primary", pid=pri.pid, signal="SIGKILL", keys_acked=len(acked))
+        t = time.monotonic()
+        res = sec.hmp("x_colo_lost_heartbeat")
+        if res:
+            out.step("failover", error=res)
+            return False
+        kv, first = _first_answer(sec.console)
+        failover_ms = (first - t) * 1000
+        wait_for(sec, "info colo", "failover state: completed")
+        out.step("failover", node="secondary", first_answer_ms=round(failover_ms, 1),
+                 status=sec.hmp("info status"))
+        keys = list(acked)
+        replies = kv.pipeline(["GET %s" % k for k in keys], window=512) if keys else []
+        lost = [k for k, r in zip(keys, replies) if r != acked[k]]
+        more = kv.pipeline(["SET after%d %d" % (i, i) for i in range(100)])
+        kv.close()
+        ok = not lost and bool(keys) and all(r == "OK" for r in more)
+        out.step("summary", ok=ok, checkpoints=checkpoints, keys_acknowledged=len(keys),
+                 keys_lost=len(lost), failover_ms=round(failover_ms, 1),
+                 serving_after_failover=all(r == "OK" for r in more))
+        return ok
+
+
+def _first_answer(address, timeout=30.0):
+    """(client, time) of the first PING the new primary answers; its console opens only
+    when it takes over, so connecting is part of the wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            kv = KvClient(address, timeout=5)
+            if kv.request("PING") == "PONG":
+                return kv, time.monotonic()
+            kv.close()
+        except (OSError, ColocoreError):
+            if time.monotonic() > deadline:
+                raise ColocoreError("the secondary did not answer within %.0f s of the "
+                                    "failover" % timeout) from None
+            time.sleep(0.001)
+
+
+def run_snapshot(nkeys, out):
     with NodeSet() as nodes:
         snap = os.path.join(nodes.workdir, "kvstore.snap")
         t0 = time.monotonic()
@@ -52,9 +158,8 @@ def run(nkeys, out):
         if res:
             out.step("save", error=res)
             return False
-        status = a.hmp("info status")
         out.step("save", file=snap, bytes=os.path.getsize(snap),
-                 ms=round((time.monotonic() - t) * 1000), status=status)
+                 ms=round((time.monotonic() - t) * 1000), status=a.hmp("info status"))
         a.hmp("quit")
         a.stop()
         t = time.monotonic()

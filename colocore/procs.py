@@ -158,17 +158,17 @@ def wait_for(node, command, pattern, timeout=30.0):
 
 def start_protected_pair(nodes, kernel="kvstore", append="", mem="256M", delay_ms=200,
                          verify=False, primary_env=None, secondary_env=None,
-                         primary_extra=(), secondary_extra=(), capabilities=()):
+                         primary_extra=(), secondary_extra=(), capabilities=(), qmp=False):
     """A primary and a secondary on loopback, x-colo on, in COLO. Returns (pri, sec)."""
     port = free_port()
     uri = "tcp:127.0.0.1:%d" % port
     verify_arg = ["--colo-verify"] if verify else []
     sec = nodes.start("secondary", ["-m", mem, "--incoming", uri, *verify_arg, *secondary_extra],
-                      env=secondary_env)
+                      env=secondary_env, qmp=qmp)
     pri_args = ["--kernel", kernel, "-m", mem, *verify_arg, *primary_extra]
     if append:
         pri_args += ["--append", append]
-    pri = nodes.start("primary", pri_args, env=primary_env)
+    pri = nodes.start("primary", pri_args, env=primary_env, qmp=qmp)
     sec.wait_monitor()
     pri.wait_monitor()
     for cap in ("x-colo", *capabilities):
