@@ -16,13 +16,14 @@ from .monitor_client import MonitorClient
 
 
 class NodeProcess:
-    def __init__(self, name, workdir, run_args, log_path=None, env=None, qmp=False):
+    def __init__(self, name, workdir, run_args, log_path=None, env=None, qmp=False, prefix=()):
         self.name = name
         self.workdir = workdir
         self.monitor_path = os.path.join(workdir, "%s-mon.sock" % name)
         self.console_path = os.path.join(workdir, "%s-console.sock" % name)
         self.log_path = log_path or os.path.join(workdir, "%s.log" % name)
-        argv = [sys.executable, "-m", "colocore", "run", "--name", name,
+        # prefix: e.g. ["ip", "netns", "exec", NS] to run the node on a test host
+        argv = [*prefix, sys.executable, "-m", "colocore", "run", "--name", name,
                 "--monitor", "unix:%s,server=on,wait=off" % self.monitor_path,
                 "--console", "unix:%s,server=on,wait=off" % self.console_path] + list(run_args)
         # qmp=True: also a QMP socket, NAME-qmp.sock beside the monitor's
@@ -112,10 +113,10 @@ class NodeSet:
         self.workdir = workdir
         self.nodes = {}
 
-    def start(self, name, run_args, env=None, qmp=False):
+    def start(self, name, run_args, env=None, qmp=False, prefix=()):
         if name in self.nodes:
             self.nodes[name].stop()
-        node = NodeProcess(name, self.workdir, run_args, env=env, qmp=qmp)
+        node = NodeProcess(name, self.workdir, run_args, env=env, qmp=qmp, prefix=prefix)
         self.nodes[name] = node
         return node
 
