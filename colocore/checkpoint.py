@@ -48,9 +48,16 @@ class Stager:
         self._lengths = array.array("i", bytes(4 * memory.BATCH_PAGES))
 
     def _ensure(self, npages):
+        """On the pause path: only when the dirty set outgrew every earlier one."""
         if len(self.staging) < npages * PAGE:
-            # grow outside the pause next time: double, so this happens O(log n) times
             self.staging = bytearray(max(npages * PAGE, 2 * len(self.staging)))
+
+    def reserve(self, npages):
+        """Off the pause path: grow the staging buffer ahead of need and touch its pages,
+        so the next pause neither allocates nor takes page faults on it."""
+        if len(self.staging) < npages * PAGE:
+            self.staging = bytearray(npages * PAGE)
+            self.staging[::PAGE] = bytes(npages)
 
     def stage(self):
         """The pause: park, harvest, copy, capture, unpark. Returns Staged."""
@@ -118,6 +125,8 @@ class Stager:
             faults.crash("mid-devstate", checkpoint_id)
         ch.send(devstate)
         raw = len(st.pfns) * PAGE + len(devstate)
+        # room for twice this checkpoint's dirty set, prepared while the guest runs
+        self.reserve(2 * len(st.pfns))
         return ch.bytes_sent - start, raw, ram_bytes
 
     def _send_xbzrle(self, ch, nonzero, zero, compress):
