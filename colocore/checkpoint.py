@@ -15,7 +15,7 @@ import json
 import struct
 import time
 
-from colocore_ext import lz4batch, pages, xbzrle
+from colocore_ext import pages, xbzrle
 
 from . import cpustate, faults, memory, stream
 from .errors import StreamError
@@ -232,13 +232,7 @@ def receive(ch, machine):
             cp.digest.frombytes(payload)
     if cp.cpu is None or cp.devices is None:
         raise StreamError("checkpoint lacks CPU or DEVICES state")
-    try:
-        machine.vcpu.check_state(cp.cpu)
-    except ValueError as exc:
-        raise StreamError("checkpoint vCPU state: %s" % exc) from None
-    for name in ("uart", "virtio-console", "platform", "console-out", "serial-out"):
-        if name not in cp.devices:
-            raise StreamError("checkpoint device state lacks %r" % name)
+    machine.check_saved_state(cp.cpu, cp.devices, "checkpoint %s" % info.get("id"))
     cp.bytes = ch.reader.bytes_read - start + size
     return cp
 

@@ -24,7 +24,7 @@ import time
 
 from colocore_ext import pages
 from . import faults
-from .checkpoint import Stager, receive
+from .checkpoint import receive
 from .errors import ColocoreError, StreamError
 from .failover import Failover, FailoverState
 from .transport import Msg, PeerLost
@@ -240,10 +240,7 @@ class Colo:
             except ColocoreError:
                 pass
             ch.close()
-        m.console_out.hold = False
-        m.serial_out.hold = False
-        m.console_out.release()
-        m.serial_out.release()
+        _release_all_output(m)
         self.last_mode, self.mode = "primary", "none"
         self.peer_state = "none" if self.peer_state != "lost" else "lost"
         self._exit_event(self.reason if self.reason != "none" else "request")
@@ -332,13 +329,17 @@ class Colo:
         self.failover.compare_and_set(FailoverState.REQUIRE, FailoverState.ACTIVE)
 
     def takeover_finish(self):
-        m = self.node.machine
-        m.console_out.hold = False
-        m.serial_out.hold = False
-        m.console_out.release()
-        m.serial_out.release()
+        _release_all_output(self.node.machine)
         self.last_mode, self.mode = "secondary", "none"
         self._exit_event(self.reason if self.reason != "none" else "request")
         self.failover.compare_and_set(FailoverState.ACTIVE, FailoverState.COMPLETED)
         self.takeover_done.set()
         log.info("COLO secondary: failover completed, serving")
+
+
+def _release_all_output(m):
+    """Leaving COLO: nothing is held any more, and what was held goes out now (it may
+    repeat what the old primary already released; it must never be lost)."""
+    for out in (m.console_out, m.serial_out):
+        out.hold = False
+        out.release()

@@ -9,7 +9,6 @@ save-to-file / restore job instead.
 import json
 import os
 import signal
-import sys
 import threading
 import time
 

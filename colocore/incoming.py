@@ -109,10 +109,7 @@ class Incoming:
                 raise StreamError("unexpected %s section in a live migration" % kind.name)
         if cpu is None or devices is None:
             raise StreamError("the migration stream ended without CPU and DEVICES state")
-        try:
-            m.vcpu.check_state(cpu)
-        except ValueError as exc:
-            raise StreamError("vCPU state: %s" % exc) from None
+        m.check_saved_state(cpu, devices, "the migration stream")
         m.vcpu.set_state(cpu)
         m.load_device_states(devices)
         m.kernel, m.append = info.get("kernel"), info.get("append", "")

@@ -20,12 +20,13 @@ from .devices.output import OutputChannel
 from .devices.platform import BASE as PLATFORM_BASE, SIZE as PLATFORM_SIZE, Platform
 from .devices.uart import COM1, Uart16550
 from .devices.virtio_console import BASE as VIRTIO_BASE, SIZE as VIRTIO_SIZE, VirtioConsole
-from .errors import ColocoreError
+from .errors import ColocoreError, StreamError
 from .memory import GuestMemory
 
 log = logging.getLogger("colocore.machine")
 
 MAX_MEM = 3 << 30
+DEVICE_NAMES = ("uart", "virtio-console", "platform", "console-out", "serial-out")
 PAUSE_TIMEOUT = 2.0
 
 # QEMU's run states, and which may follow which. One helper changes the state.
@@ -299,8 +300,19 @@ class Machine:
                 "platform": self.platform.save(), "console-out": self.console_out.save(),
                 "serial-out": self.serial_out.save()}
 
+    def check_saved_state(self, cpu, devices, what):
+        """Raise StreamError unless this vCPU and device state would load here. Changes
+        nothing: callers check a whole unit before they apply any of it."""
+        try:
+            self.vcpu.check_state(cpu)
+        except ValueError as exc:
+            raise StreamError("%s: the vCPU state does not fit this host: %s" % (what, exc)) from None
+        for name in DEVICE_NAMES:
+            if name not in devices:
+                raise StreamError("%s: the device state lacks %r" % (what, name))
+
     def load_device_states(self, states):
-        for name in ("uart", "virtio-console", "platform", "console-out", "serial-out"):
+        for name in DEVICE_NAMES:
             if name not in states:
                 raise ColocoreError("device state lacks %r" % name)
         self.uart.reset()

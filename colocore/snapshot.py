@@ -112,13 +112,7 @@ class LoadedUnit:
                                 "it with -m %dM" % (int(self.info["mem_size"]) >> 20,
                                                    machine.mem_size >> 20,
                                                    int(self.info["mem_size"]) >> 20))
-        try:
-            machine.vcpu.check_state(self.cpu)
-        except ValueError as exc:
-            raise StreamError("the saved vCPU state does not fit this host: %s" % exc) from None
-        for name in ("uart", "virtio-console", "platform", "console-out", "serial-out"):
-            if name not in self.devices:
-                raise StreamError("the saved device state lacks %r" % name)
+        machine.check_saved_state(self.cpu, self.devices, "the snapshot")
         # From here on nothing can fail on the content: it was all checked above.
         for pfns in self.zero:
             memory.apply_zero(machine.memory.ram, pfns)

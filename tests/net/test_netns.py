@@ -2,7 +2,6 @@
 namespaces joined by a veth pair, made with pyroute2), replication over TCP between them.
 The namespaces are created and deleted by each test."""
 import signal
-import time
 
 import pytest
 
