@@ -150,9 +150,20 @@ class Colo:
 
     # ---- primary -----------------------------------------------------------------------
 
+    def _begin(self):
+        """A new COLO run on this node (also after an earlier one ended in a failover):
+        the failover state and exit bookkeeping start afresh; counters carry on."""
+        self.failover = Failover()
+        self.reason = "none"
+        self.exit_sent = False
+        self.peer_error = None
+        self.trigger.clear()
+        self.takeover_done.clear()
+
     def run_primary(self, ch, stager):
         """The checkpoint loop (migration thread). Returns when COLO ends; the guest runs."""
         node, m = self.node, self.node.machine
+        self._begin()
         self.channel = ch
         self.mode = "primary"
         self.peer_state = "connected"

@@ -293,3 +293,24 @@ def test_migrate_cancel_before_colo(nodes):
     wait_for(pri, "info migrate", "Migration status: cancelled")
     assert pri.hmp("info status") == "VM status: running"
     assert pri.hmp("info colo").startswith("COLO mode: none")
+
+
+def test_reprotect_after_failover(nodes):
+    """The survivor of a failover can be protected again by a new secondary."""
+    pri, sec = start_protected_pair(nodes, delay_ms=30, verify=True)
+    kv = KvClient(pri.console)
+    assert kv.request("SET gen 1") == "OK"
+    sec.kill(signal.SIGKILL)
+    wait_for(pri, "info colo", "peer: lost")
+    assert pri.hmp("x_colo_lost_heartbeat") == ""
+    wait_for(pri, "info colo", "failover state: completed")
+    port = free_port()
+    sec2 = nodes.start("secondary2", ["-m", "256M", "--incoming", "tcp:127.0.0.1:%d" % port,
+                                      "--colo-verify"])
+    sec2.wait_monitor()
+    assert pri.hmp("migrate tcp:127.0.0.1:%d" % port) == ""
+    wait_for(pri, "info migrate", "Migration status: colo")
+    wait_for(pri, "info colo", "failover state: none")
+    assert kv.request("SET gen 2") == "OK"          # output flows: checkpoints are acked
+    pri.kill(signal.SIGKILL)
+    _take_over_and_check(sec2, {"gen": "2"})
