@@ -531,7 +531,7 @@ def migrate_once(kind, mem, busy_wss=10000):
         kv.close()
         return {"guest": kind, "mem": mem, "wss": busy_wss if kind == "busy" else 0,
                 "total_ms": info["total time"], "downtime_ms": info["downtime"],
-                "rounds": int(info["iterations"]),
+                "rounds": int(info["dirty sync count"]),
                 "bytes_sent": int(info["transferred ram"] * 1024),
                 "command_ms": round((t_cmd - t0) * 1000, 1),
                 "destination_answers_ms": round((t_dst - t0) * 1000, 1)}

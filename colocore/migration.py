@@ -181,12 +181,14 @@ class Migration:
         if self.status != "none":
             total = self.total_ms if self.status != "active" or not self.start_time \
                 else (time.monotonic() - self.start_time) * 1000
+            # QEMU's words and order where QEMU has the figure
             lines += ["total time: %d ms" % total,
-                      "iterations: %d" % self.rounds,
                       "downtime: %d ms" % self.downtime_ms,
                       "setup: %d ms" % self.setup_ms,
                       "transferred ram: %d kbytes" % (self.transferred // 1024),
-                      "normal: %d pages" % self.pages]
+                      "total ram: %d kbytes" % (self.node.machine.mem_size // 1024),
+                      "normal: %d pages" % self.pages,
+                      "dirty sync count: %d" % self.rounds]
         st = self.node.colo.stats
         if self.status == "colo" or st.checkpoints:
             lines += ["colo checkpoints: %d" % st.checkpoints,
