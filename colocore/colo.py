@@ -253,7 +253,8 @@ class Colo:
             ch.close()
         _release_all_output(m)
         self.last_mode, self.mode = "primary", "none"
-        self.peer_state = "none" if self.peer_state != "lost" else "lost"
+        if self.peer_state == "connected":
+            self.peer_state = "none"          # we closed the channel ourselves
         self._exit_event(self.reason if self.reason != "none" else "request")
         self.node.migration.colo_finished()
         self.failover.compare_and_set(FailoverState.ACTIVE, FailoverState.COMPLETED)
@@ -342,6 +343,9 @@ class Colo:
     def takeover_finish(self):
         _release_all_output(self.node.machine)
         self.last_mode, self.mode = "secondary", "none"
+        if self.peer_state == "connected":
+            self.peer_state = "none"          # we closed the channel ourselves
+        self.node.migration_in_status("completed")
         self._exit_event(self.reason if self.reason != "none" else "request")
         self.failover.compare_and_set(FailoverState.ACTIVE, FailoverState.COMPLETED)
         self.takeover_done.set()
