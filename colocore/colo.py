@@ -144,6 +144,8 @@ class Colo:
             if self.loading:
                 # a checkpoint is being loaded: let it finish, then fail over from it
                 self.failover.compare_and_set(FailoverState.REQUIRE, FailoverState.RELAUNCH)
+                log.info("COLO secondary: a checkpoint is being loaded; failover relaunches "
+                         "once it is in")
             if self.channel is not None:
                 self.channel.close()
             self.node.loop.call_soon_threadsafe(self.node.schedule_takeover)
@@ -284,16 +286,14 @@ class Colo:
                     # even if the primary dies (it is the newest complete state).
                     ch.send_msg(Msg.VMSTATE_RECEIVED)
                     self._load(cp)
-                    try:
-                        ch.send_msg(Msg.VMSTATE_LOADED)
-                    except PeerLost:
-                        raise
+                    # the VM is at this checkpoint now, whether or not the primary hears so
                     self.stats.checkpoints += 1
                     self.stats.last_bytes = cp.bytes
                     self.stats.last_dirty_pages = cp.info.get("dirty", 0)
                     self.stats.last_latency_ms = (time.perf_counter() - t0) * 1000
                     if cp.digest is not None:
                         self._verify(cp)
+                    ch.send_msg(Msg.VMSTATE_LOADED)
                 elif msg == Msg.QUIT:
                     raise PeerLost("the primary left COLO (failover on the primary)")
                 else:
@@ -311,11 +311,11 @@ class Colo:
         with self.apply_lock:
             self.loading = True
             try:
+                if faults.SLOW_LOAD_S:
+                    time.sleep(faults.SLOW_LOAD_S)
                 cp.apply(self.node.machine)
             finally:
                 self.loading = False
-        if self.failover.state == FailoverState.RELAUNCH:
-            self.failover.compare_and_set(FailoverState.RELAUNCH, FailoverState.REQUIRE)
 
     def _verify(self, cp):
         mem = self.node.machine.memory
@@ -335,9 +335,9 @@ class Colo:
         if t is not None:
             t.join()
         with self.apply_lock:
-            pass
-        while self.failover.state == FailoverState.RELAUNCH:
-            time.sleep(0.001)
+            pass            # no load in flight: RAM, vCPU and devices are one checkpoint
+        # the load a relaunch waited for is complete: the failover can run now
+        self.failover.compare_and_set(FailoverState.RELAUNCH, FailoverState.REQUIRE)
         self.failover.compare_and_set(FailoverState.REQUIRE, FailoverState.ACTIVE)
 
     def takeover_finish(self):

@@ -4,6 +4,10 @@ between vmstate-received and vmstate-loaded, ...).
 
     COLOCORE_CRASH_AT=POINT[:CHECKPOINT]     e.g. mid-ram:3, after-received:2
 
+    COLOCORE_SLOW_LOAD_MS=N                  the secondary takes N ms more to load
+                                             each checkpoint (widens the window in
+                                             which a failover request must relaunch)
+
 Off (the default) it costs one comparison per point.
 """
 import os
@@ -12,6 +16,8 @@ import signal
 _spec = os.environ.get("COLOCORE_CRASH_AT", "")
 POINT, _, _n = _spec.partition(":")
 CHECKPOINT = int(_n) if _n.isdigit() else 1
+
+SLOW_LOAD_S = int(os.environ.get("COLOCORE_SLOW_LOAD_MS", "0") or 0) / 1000.0
 
 POINTS = ("after-request", "mid-ram", "before-devstate", "mid-devstate", "after-received",
           "after-loaded")

@@ -56,8 +56,9 @@ def _checkpoints(node):
     return int(m.group(1)) if m else 0
 
 
-def _take_over_and_check(sec, acked):
-    assert sec.hmp("x_colo_lost_heartbeat") == ""
+def _take_over_and_check(sec, acked, request=True):
+    if request:
+        assert sec.hmp("x_colo_lost_heartbeat") == ""
     wait_for(sec, "info colo", "failover state: completed", timeout=10)
     assert sec.hmp("info status") == "VM status: running"
     info = sec.hmp("info colo")
@@ -314,3 +315,22 @@ def test_reprotect_after_failover(nodes):
     assert kv.request("SET gen 2") == "OK"          # output flows: checkpoints are acked
     pri.kill(signal.SIGKILL)
     _take_over_and_check(sec2, {"gen": "2"})
+
+
+def test_failover_during_a_load_relaunches_after_it(nodes):
+    """The primary dies right after vmstate-received; the operator asks for failover while
+    the secondary is still loading that checkpoint: the failover waits for the load
+    (relaunch) and the guest starts from that newest checkpoint."""
+    pri, sec = start_protected_pair(nodes, delay_ms=30, verify=True,
+                                    primary_env={"COLOCORE_CRASH_AT": "after-received:3"},
+                                    secondary_env={"COLOCORE_SLOW_LOAD_MS": "1500"})
+    w = Writer(pri.console, window=8)
+    w.start()
+    pri.proc.wait(60)
+    w.join(10)
+    assert sec.hmp("x_colo_lost_heartbeat") == ""
+    wait_for(sec, "info colo", "failover state: completed", timeout=20)
+    assert "relaunches once it is in" in sec.log_tail(60)
+    info = sec.hmp("info colo")
+    assert "checkpoints: 3" in info, info
+    _take_over_and_check(sec, dict(w.acked), request=False)
