@@ -37,7 +37,7 @@ import time
 from .chardev import connect
 from .errors import ColocoreError
 from .kvclient import KvClient
-from .procs import NodeSet
+from .procs import NodeSet, free_port, wait_for
 
 PAGE = 4096
 WSS = (0, 100, 1000, 10000)
@@ -61,12 +61,6 @@ def percentile(values, q):
     lo = int(pos)
     hi = min(lo + 1, len(v) - 1)
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _libc = ctypes.CDLL(None)
@@ -175,20 +169,6 @@ def hmp_ok(node, line, timeout=None):
     if out.startswith("Error") or out.startswith("unknown command"):
         raise ColocoreError("%s: %r failed: %s" % (node.name, line, out))
     return out
-
-
-def wait_for(node, command, pattern, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        out = node.hmp(command)
-        if pattern in out:
-            return out
-        if node.proc.poll() is not None:
-            raise ColocoreError("node %s died; log:\n%s" % (node.name, node.log_tail()))
-        if time.monotonic() > deadline:
-            raise ColocoreError("node %s: %r never showed %r; last output:\n%s"
-                                % (node.name, command, pattern, out))
-        time.sleep(0.02)
 
 
 def info_fields(text):
