@@ -27,7 +27,7 @@ from . import faults
 from .checkpoint import receive
 from .errors import ColocoreError, StreamError
 from .failover import Failover, FailoverState
-from .transport import Msg, PeerLost
+from .transport import Msg, PeerLost, PeerTookOver
 
 log = logging.getLogger("colocore.colo")
 
@@ -110,18 +110,49 @@ class Colo:
         self.peer_error = str(error)
         if self.failover.state == FailoverState.NONE:
             self.reason = "error"
+            self._exit_event("error")
+            closed = getattr(error, "closed", False)
+            if self.mode == "primary" and closed:
+                # The secondary's end closed or reset the connection without announcing a
+                # takeover: its process is gone and can never serve a newer state, so the
+                # primary leaves COLO and serves alone without waiting for anyone.
+                log.error("COLO primary: the secondary is gone (%s); leaving COLO and serving "
+                          "alone, unprotected", error)
+                self._auto_failover()
+                return
             log.error("COLO %s: lost the peer: %s; the guest is %s. Run x_colo_lost_heartbeat "
                       "here to %s", self.mode, error,
                       "running, output held" if self.mode == "primary" else "at its last complete checkpoint",
                       "serve alone" if self.mode == "primary" else "take over")
-            self._exit_event("error")
             hb = self.node.settings.parameters["x-colo-heartbeat"]
             if hb:
                 log.warning("x-colo-heartbeat is %d ms: failing over by itself", hb)
-                try:
-                    self.request_failover(auto=True)
-                except ColocoreError:
-                    pass
+                self._auto_failover()
+
+    def _auto_failover(self):
+        try:
+            self.request_failover(auto=True)
+        except ColocoreError:
+            pass
+
+    def _stopped_by_takeover(self, exc):
+        """The secondary took over while this primary still runs: stop the guest here, so
+        that only one copy serves. Its held output stays held: the secondary has the state
+        that produced what was released, and nothing newer may reach a client."""
+        m = self.node.machine
+        self.peer_state = "took over"
+        self.peer_error = str(exc)
+        self.reason = "error"
+        try:
+            if m.runstate == "running":
+                m.pause("paused")
+        except ColocoreError as perr:
+            log.error("COLO primary: could not stop the guest: %s", perr)
+        log.error("COLO primary: %s; this guest is stopped so that only one copy serves. "
+                  "Quit this node (or re-protect from the new primary)", exc)
+        self._exit_event("error")
+        self.last_mode, self.mode = "primary", "none"
+        self.node.migration.colo_finished()
 
     # ---- failover --------------------------------------------------------------------
 
@@ -147,7 +178,8 @@ class Colo:
                 log.info("COLO secondary: a checkpoint is being loaded; failover relaunches "
                          "once it is in")
             if self.channel is not None:
-                self.channel.close()
+                # a primary that is still alive must learn that it has to stop
+                self.channel.announce_takeover()
             self.node.loop.call_soon_threadsafe(self.node.schedule_takeover)
 
     # ---- primary -----------------------------------------------------------------------
@@ -195,6 +227,11 @@ class Colo:
                 ch.expect(Msg.VMSTATE_LOADED)
                 faults.crash("after-loaded", checkpoint_id)
                 self._account(checkpoint_id, st, sent, raw, (time.perf_counter() - t0) * 1000)
+        except PeerTookOver as exc:
+            self.channel = None
+            ch.close()
+            self._stopped_by_takeover(exc)
+            return
         except (PeerLost, StreamError, ColocoreError, OSError) as exc:
             if self.failover.state == FailoverState.NONE:
                 self.peer_lost(exc)

@@ -33,10 +33,23 @@ class Msg(enum.IntEnum):
     SHUT = 0x101             # return path: the secondary refuses, u32 length + reason
     LOADED = 0x102           # return path: initial state loaded (plain migration)
     QUIT = 0x103             # main stream: the primary leaves COLO on purpose
+    TAKEOVER = 0x104         # return path: the secondary takes over (failover there)
 
 
 class PeerLost(ColocoreError):
-    """The peer closed the channel, or said nothing for longer than allowed."""
+    """The peer closed the channel, or said nothing for longer than allowed.
+
+    `closed` tells the two apart: True when the peer's end closed or reset the connection
+    (its process is gone, or it hung up on purpose), False for silence (a dead host or a
+    partition look alike: nobody can tell them apart from here)."""
+
+    def __init__(self, message, closed=True):
+        super().__init__(message)
+        self.closed = closed
+
+
+class PeerTookOver(PeerLost):
+    """The secondary announced that it took over (x_colo_lost_heartbeat on it)."""
 
 
 def parse_tcp_uri(uri, what="migrate"):
@@ -89,21 +102,24 @@ class Channel:
 
     def send(self, *buffers):
         if self.closed:
-            raise PeerLost("the channel to %s is closed" % self.peer)
+            raise PeerLost("the channel to %s is closed" % self.peer, closed=False)
         with self.send_lock:
             try:
                 for b in buffers:
                     self.sock.sendall(b)
                     self.bytes_sent += len(b)
             except OSError as exc:
-                reason = self._pending_shut()
-                if reason:
-                    raise ColocoreError("the secondary refused: %s" % reason) from None
+                last = self._last_words()
+                if last == Msg.TAKEOVER:
+                    raise PeerTookOver("the secondary at %s took over" % self.peer) from None
+                if last:
+                    raise ColocoreError("the secondary refused: %s" % last) from None
                 raise PeerLost("lost the connection to %s while sending: %s"
                                % (self.peer, exc.strerror or exc)) from None
 
-    def _pending_shut(self):
-        """After a failed send: did the peer leave a SHUT with its reason on the return path?"""
+    def _last_words(self):
+        """After a failed send: did the peer leave a SHUT (its reason is returned) or a
+        TAKEOVER (Msg.TAKEOVER) on the return path before it went?"""
         data = b""
         try:
             self.sock.settimeout(0.5)
@@ -116,6 +132,8 @@ class Channel:
             pass
         while len(data) >= 4:
             (value,) = U32.unpack_from(data)
+            if value == Msg.TAKEOVER:
+                return Msg.TAKEOVER
             if value == Msg.SHUT and len(data) >= 8:
                 (n,) = U32.unpack_from(data, 4)
                 return data[8:8 + n].decode("utf-8", "replace")
@@ -140,7 +158,8 @@ class Channel:
             try:
                 k = self.sock.recv_into(view[got:], n - got)
             except TimeoutError:
-                raise PeerLost("%s said nothing for %.1f s" % (self.peer, self.sock.gettimeout())) from None
+                raise PeerLost("%s said nothing for %.1f s" % (self.peer, self.sock.gettimeout()),
+                               closed=False) from None
             except OSError as exc:
                 raise PeerLost("lost the connection to %s: %s" % (self.peer, exc.strerror or exc)) from None
             if k == 0:
@@ -168,6 +187,9 @@ class Channel:
                 raise StreamError("unknown COLO message %d from %s" % (value, self.peer)) from None
             if msg == Msg.HEARTBEAT and skip_heartbeats:
                 continue
+            if msg == Msg.TAKEOVER:
+                raise PeerTookOver("the secondary at %s took over (x_colo_lost_heartbeat "
+                                   "was run there)" % self.peer)
             if msg == Msg.SHUT:
                 (n,) = U32.unpack(self.read_exact(4))
                 if n > 4096:
@@ -204,6 +226,27 @@ class Channel:
                 pass
         except (ColocoreError, OSError):
             pass
+
+    def announce_takeover(self):
+        """Secondary failover: tell the primary (if it can still hear) that this side
+        takes over, then stop both directions. The socket is closed only seconds later:
+        closing now, with checkpoint bytes unread, would reset the connection and could
+        discard TAKEOVER before the primary reads it."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.sock.settimeout(0.2)
+            self.sock.sendall(U32.pack(Msg.TAKEOVER))
+        except OSError:
+            pass
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)   # FIN; wakes our own reader with EOF
+        except OSError:
+            pass
+        timer = threading.Timer(5.0, self.sock.close)
+        timer.daemon = True
+        timer.start()
 
     def close(self):
         """Close both directions; a thread blocked in recv on it wakes with an error."""

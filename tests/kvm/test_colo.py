@@ -4,6 +4,7 @@ hashes of secondary and primary at every checkpoint (--colo-verify).
 The invariant: every key a client saw `OK` for is readable on the secondary after it
 took over, wherever in the checkpoint cycle the primary died.
 """
+import os
 import re
 import signal
 import socket
@@ -139,20 +140,59 @@ def test_primary_dies_at_each_protocol_step(nodes, point):
 
 
 def test_secondary_dies_primary_keeps_serving(nodes):
+    """The secondary's process dies: its end of the channel closes, so it can never serve
+    a newer state; the primary leaves COLO by itself and its clients get their answers."""
     pri, sec = start_protected_pair(nodes, delay_ms=30, verify=True)
     kv = KvClient(pri.console)
     assert kv.request("SET before crash") == "OK"
     sec.kill(signal.SIGKILL)
-    wait_for(pri, "info colo", "peer: lost", timeout=10)
-    assert pri.hmp("info status") == "VM status: running"
-    # output is held (it could still be needed by a secondary) until the operator decides
-    assert pri.hmp("x_colo_lost_heartbeat") == ""
-    wait_for(pri, "info colo", "failover state: completed", timeout=10)
+    assert kv.pipeline(["SET k%d %d" % (i, i) for i in range(200)]) == ["OK"] * 200
+    out = wait_for(pri, "info colo", "failover state: completed", timeout=10)
+    assert "reason: error" in out and "last mode: primary" in out
     assert "Migration status: completed" in pri.hmp("info migrate")
     assert kv.request("GET before") == "crash"
-    assert kv.pipeline(["SET k%d %d" % (i, i) for i in range(200)]) == ["OK"] * 200
     assert pri.hmp("info status") == "VM status: running"
-    assert pri.hmp("x_colo_lost_heartbeat").startswith("Error:")
+    assert pri.hmp("x_colo_lost_heartbeat") == "Error: VM is not in COLO mode"
+    assert "the secondary is gone" in pri.log_tail()
+
+
+def test_silent_secondary_holds_output_until_the_operator_decides(nodes):
+    """A secondary that stops answering (SIGSTOP: like a dead host or a partition) cannot
+    be told from one that might still take over: the primary's guest runs on but its
+    output is held until x_colo_lost_heartbeat; then the held answers arrive."""
+    pri, sec = start_protected_pair(nodes, delay_ms=30)
+    kv = KvClient(pri.console, timeout=30)
+    assert kv.request("SET before stop") == "OK"
+    os.kill(sec.pid, signal.SIGSTOP)        # NodeProcess.kill waits for an exit
+    try:
+        kv.sock.sendall(b"GET before\n")
+        out = wait_for(pri, "info colo", "peer: lost", timeout=20)
+        assert "said nothing" in out and "failover state: none" in out
+        assert pri.hmp("info status") == "VM status: running"
+        kv.sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            kv.sock.recv(100)                  # held: the answer may not leave yet
+        assert pri.hmp("x_colo_lost_heartbeat") == ""
+        wait_for(pri, "info colo", "failover state: completed")
+        assert kv._readline(time.monotonic() + 10) == "stop"
+    finally:
+        sec.kill(signal.SIGKILL)
+
+
+def test_secondary_takes_over_while_primary_lives_primary_stops(nodes):
+    """Failover on a live pair (the operator chose the secondary): the secondary tells the
+    primary, which stops its guest so that only one copy serves."""
+    pri, sec = start_protected_pair(nodes, delay_ms=30, verify=True)
+    kv = KvClient(pri.console)
+    assert kv.request("SET shared 1") == "OK"
+    assert sec.hmp("x_colo_lost_heartbeat") == ""
+    wait_for(sec, "info colo", "failover state: completed")
+    out = wait_for(pri, "info colo", "peer: took over", timeout=10)
+    assert "COLO mode: none" in out
+    assert pri.hmp("info status") == "VM status: paused"
+    kv2 = KvClient(sec.console)
+    kv2.wait_ready()
+    assert kv2.request("GET shared") == "1"
 
 
 def test_heartbeat_fails_over_by_itself(nodes):
@@ -302,8 +342,6 @@ def test_reprotect_after_failover(nodes):
     kv = KvClient(pri.console)
     assert kv.request("SET gen 1") == "OK"
     sec.kill(signal.SIGKILL)
-    wait_for(pri, "info colo", "peer: lost")
-    assert pri.hmp("x_colo_lost_heartbeat") == ""
     wait_for(pri, "info colo", "failover state: completed")
     port = free_port()
     sec2 = nodes.start("secondary2", ["-m", "256M", "--incoming", "tcp:127.0.0.1:%d" % port,
