@@ -16,7 +16,14 @@ answers vmstate-loaded. A checkpoint cut off anywhere before its last byte is dr
 whole; the VM stays at the previous one.
 
 Failover (x_colo_lost_heartbeat, or the optional x-colo-heartbeat timeout) changes the
-failover state only through Failover.compare_and_set.
+failover state only through Failover.compare_and_set. Who may decide:
+- a secondary takes over only when told (or by the heartbeat): a silent primary may be
+  alive behind a partition;
+- a primary whose channel was closed or reset by the secondary's end leaves COLO by
+  itself: that secondary's process is gone and can never serve a newer state; silence
+  keeps the output held until someone decides;
+- a secondary that takes over says so on the return path, and a primary that hears it
+  stops its guest, so that one copy serves.
 """
 import logging
 import threading
