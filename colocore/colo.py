@@ -42,6 +42,12 @@ READY_TIMEOUT = 60.0
 REPLY_TIMEOUT = 10.0
 
 
+def colo_supported(machine):
+    """Whether this host can do COLO (QEMU's colo_supported()): KVM with dirty logging on
+    the guest's memslot, which every checkpoint harvests."""
+    return machine is not None and bool(machine.vm.dirty_log)
+
+
 class ColoStats:
     def __init__(self):
         self.checkpoints = 0

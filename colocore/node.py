@@ -12,7 +12,7 @@ import time
 
 from . import snapshot
 from .chardev import Chardev, parse_chardev
-from .colo import Colo
+from .colo import Colo, colo_supported
 from .errors import ColocoreError
 from .incoming import Incoming
 from .machine import Machine
@@ -120,8 +120,7 @@ class Node:
         if tcp_incoming:
             self.incoming = Incoming(self, a.incoming)     # binds now: a busy port fails here
         self.machine = Machine(mem, self.name, on_event=self.emit_event)
-        # The VM exists with dirty logging on, so this host can do COLO.
-        self.settings = MigrationSettings(colo_supported=True)
+        self.settings = MigrationSettings(colo_supported=colo_supported(self.machine))
         self.settings.on_parameter_change = self._parameter_changed
         m = self.machine
         if snap is not None:

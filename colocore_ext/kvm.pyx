@@ -114,6 +114,7 @@ cdef class Vm:
     cdef public uint64_t mem_size
     cdef uint8_t *mem
     cdef public bint manual_protect
+    cdef public bint dirty_log
     cdef object _view
 
     def __cinit__(self):
@@ -132,6 +133,7 @@ cdef class Vm:
         # A TSS region is required by VMX hosts before the first KVM_RUN; harmless elsewhere.
         ioctl(self.fd, KVM_SET_TSS_ADDR, <unsigned long>0xfffbd000)
         self.manual_protect = False
+        self.dirty_log = False
         if dirty_log:
             # before the memslot exists, as KVM requires
             self.manual_protect = enable_manual_protect(self.fd)
@@ -149,6 +151,7 @@ cdef class Vm:
         region.userspace_addr = <uint64_t>p
         if ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, &region) < 0:
             _raise("KVM_SET_USER_MEMORY_REGION")
+        self.dirty_log = dirty_log      # the kernel accepted KVM_MEM_LOG_DIRTY_PAGES
 
     property mem_addr:
         def __get__(self):
