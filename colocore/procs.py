@@ -15,6 +15,25 @@ from .errors import ColocoreError
 from .monitor_client import MonitorClient
 
 
+# Every node process started here, by pid: the test suite checks at its end that none
+# of them outlived it (colocore's rule: whatever a test or benchmark starts, it stops).
+STARTED_PIDS = set()
+
+
+def still_running(pids):
+    """The pids of `pids` that are still alive (zombies, reaped or not, count as gone)."""
+    alive = []
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
 class NodeProcess:
     def __init__(self, name, workdir, run_args, log_path=None, env=None, qmp=False, prefix=()):
         self.name = name
@@ -39,6 +58,7 @@ class NodeProcess:
                                      stdin=subprocess.DEVNULL, start_new_session=True,
                                      env=full_env)
         self.pid = self.proc.pid
+        STARTED_PIDS.add(self.pid)
         self.monitor = None
 
     @property

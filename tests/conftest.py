@@ -60,3 +60,25 @@ def pytest_collection_modifyitems(config, items):
         if os.sep + "net" + os.sep in path:
             item.add_marker(pytest.mark.kvm)
             item.add_marker(pytest.mark.net)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if a node process a test started is still alive: every test stops
+    what it starts, by pid, also when it fails. Leftovers are killed here and named."""
+    import signal
+    try:
+        from colocore import procs
+    except ImportError:
+        return
+    alive = procs.still_running(procs.STARTED_PIDS)
+    if not alive:
+        return
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+        "FAILED: node processes outlived the tests that started them: %s (killed now)"
+        % ", ".join(map(str, alive)), red=True)
+    session.exitstatus = 1
