@@ -72,11 +72,15 @@ class Migration:
 
     def start(self, uri):
         """Begin a migration; returns a future that completes when it ends."""
-        if self.status in ("setup", "active", "colo"):
+        if self.node.machine.runstate in ("guest-panicked", "internal-error", "shutdown",
+                                          "inmigrate", "colo"):
+            raise ColocoreError("cannot migrate a guest in state %s" % self.node.machine.runstate)
+        if self.status == "colo":
+            raise ColocoreError("the guest is protected by COLO; end that first with "
+                                "x_colo_lost_heartbeat")
+        if self.status in ("setup", "active"):
             raise ColocoreError("a migration is already in progress (status %s); "
                                 "migrate_cancel it first" % self.status)
-        if self.node.machine.runstate in ("guest-panicked", "internal-error", "shutdown", "inmigrate"):
-            raise ColocoreError("cannot migrate a guest in state %s" % self.node.machine.runstate)
         kind, sep, target = uri.partition(":")
         if kind == "tcp":
             parse_tcp_uri(uri)

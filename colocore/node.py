@@ -237,6 +237,10 @@ class Node:
             return
         if m.runstate == "inmigrate":
             raise ColocoreError("guest is waiting for an incoming migration")
+        if m.runstate == "colo":
+            # a running secondary would diverge from the checkpoints it still applies
+            raise ColocoreError("this is a COLO secondary: its guest runs only after a "
+                                "failover (x_colo_lost_heartbeat)")
         if m.runstate in ("guest-panicked", "internal-error", "shutdown"):
             raise ColocoreError("cannot continue: %s" % (m.stop_reason or m.runstate))
         if m.runstate in ("postmigrate", "prelaunch"):

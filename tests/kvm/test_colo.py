@@ -208,6 +208,15 @@ def test_heartbeat_fails_over_by_itself(nodes):
     assert kv2.request("GET hb") == "1"
 
 
+def test_secondary_refuses_cont_and_migrate_while_in_colo(nodes):
+    pri, sec = start_protected_pair(nodes, delay_ms=30)
+    assert sec.hmp("info status") == "VM status: paused (colo)"
+    assert sec.hmp("cont").startswith("Error: this is a COLO secondary")
+    assert sec.hmp("migrate file:/tmp/never.snap").startswith("Error: cannot migrate")
+    assert sec.hmp("info status") == "VM status: paused (colo)"
+    assert "COLO mode: secondary" in sec.hmp("info colo")
+
+
 def test_second_failover_request_is_an_error(nodes):
     pri, sec = start_protected_pair(nodes, delay_ms=30)
     pri.kill(signal.SIGKILL)
