@@ -40,6 +40,11 @@ log = logging.getLogger("colocore.colo")
 
 READY_TIMEOUT = 60.0
 REPLY_TIMEOUT = 10.0
+# The primary says something at least this often, even with a long checkpoint delay, so
+# that a secondary notices a silent primary (a dead host, a partition) and reports it;
+# without x-colo-heartbeat it still waits for the operator to decide.
+IDLE_HEARTBEAT = 1.0
+SILENCE_TIMEOUT = 5.0
 
 
 def colo_supported(machine):
@@ -267,11 +272,11 @@ class Colo:
             left = deadline - time.monotonic()
             if left <= 0 or self.failover.state != FailoverState.NONE:
                 break
-            step = min(left, hb / 3) if hb else left
+            step = min(left, hb / 3 if hb else IDLE_HEARTBEAT)
             if self.trigger.wait(step):
                 self.trigger.clear()
                 break
-            if hb:
+            if time.monotonic() < deadline:
                 ch.send_msg(Msg.HEARTBEAT)
         self.trigger.clear()
 
@@ -325,7 +330,7 @@ class Colo:
             ch.send_msg(Msg.CHECKPOINT_READY)
             while self.failover.state == FailoverState.NONE:
                 hb = params["x-colo-heartbeat"]
-                ch.set_timeout(hb / 1000.0 if hb else None)
+                ch.set_timeout(hb / 1000.0 if hb else SILENCE_TIMEOUT)
                 msg = ch.recv_msg()
                 if msg == Msg.CHECKPOINT_REQUEST:
                     ch.send_msg(Msg.CHECKPOINT_REPLY)

@@ -381,3 +381,17 @@ def test_failover_during_a_load_relaunches_after_it(nodes):
     info = sec.hmp("info colo")
     assert "checkpoints: 3" in info, info
     _take_over_and_check(sec, dict(w.acked), request=False)
+
+
+def test_secondary_notices_a_silent_primary(nodes):
+    """A primary that stops talking (SIGSTOP: like a dead host) is reported by the
+    secondary within seconds even with a long checkpoint delay; without a heartbeat the
+    secondary does not take over by itself."""
+    pri, sec = start_protected_pair(nodes, delay_ms=60000)
+    os.kill(pri.pid, signal.SIGSTOP)
+    try:
+        out = wait_for(sec, "info colo", "peer: lost", timeout=15)
+        assert "said nothing" in out and "failover state: none" in out
+        assert sec.hmp("info status") == "VM status: paused (colo)"
+    finally:
+        pri.kill(signal.SIGKILL)
