@@ -183,7 +183,7 @@ class Colo:
             raise ColocoreError("COLO failover is already active")
         if self.reason == "none":
             self.reason = "request"
-        log.info("COLO %s: failover requested%s", self.mode, " (heartbeat timeout)" if auto else "")
+        log.info("COLO %s: failover requested%s", self.mode, " (automatic)" if auto else "")
         if self.mode == "primary":
             # the migration thread notices at its next step; closing the channel wakes it
             self.trigger.set()
