@@ -164,11 +164,12 @@ class Chardev:
                 if exc.errno == 98 else "")) from None
 
     async def _open_stdio(self, loop):
-        if sys.stdin is not None and not sys.stdin.closed and os.isatty(0) is not None:
-            try:
-                loop.add_reader(0, self._stdin_ready)
-            except (OSError, ValueError, PermissionError):
-                pass
+        if sys.stdin is None or sys.stdin.closed:
+            return
+        try:
+            loop.add_reader(0, self._stdin_ready)
+        except (OSError, ValueError, PermissionError):
+            pass        # stdin is a regular file or /dev/null: output only
 
     def _stdin_ready(self):
         try:

@@ -260,9 +260,9 @@ class Machine:
                     raise ColocoreError("vCPU did not stop within %.1f s" % PAUSE_TIMEOUT)
                 self._cond.wait(left)
         took = time.perf_counter() - t0
-        if self.runstate == "running" or state != "paused":
-            if self.runstate != state:
-                self.set_runstate(state)
+        # "paused" only replaces "running"; the other states (finish-migrate, ...) always apply
+        if self.runstate != state and (self.runstate == "running" or state != "paused"):
+            self.set_runstate(state)
         if event:
             self.on_event("STOP", {})
         return took
