@@ -30,7 +30,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import sys
 import threading
 import time
@@ -39,7 +38,7 @@ from dataclasses import dataclass, field
 from .errors import ColocoreError
 from .kvclient import KvClient
 from .monitor_client import MonitorClient, is_error
-from .procs import NodeSet
+from .procs import NodeSet, free_port
 from .qmp_client import QmpClient
 
 DEFAULT_TIMEOUT = 30.0
@@ -65,14 +64,6 @@ class Step:
     seconds: float = 0.0
     tolerate_error: bool = False
     options: dict = field(default_factory=dict)
-
-
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _number(text, lineno, what):
@@ -118,7 +109,7 @@ def parse(text, variables=None):
             parts = rest.split(None, 1)
             if len(parts) != 2 or not _NAME.match(parts[0]):
                 raise ScriptError("line %d: usage: set NAME VALUE" % lineno)
-            variables[parts[0]] = str(_free_port()) if parts[1] == "free-port" else parts[1]
+            variables[parts[0]] = str(free_port()) if parts[1] == "free-port" else parts[1]
         elif word == "node":
             try:
                 parts = shlex.split(rest)

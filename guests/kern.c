@@ -48,30 +48,8 @@ static char *kcat(char *p, const char *s)
     return p;
 }
 
-static char *khex(char *p, uint64_t v)
-{
-    *p++ = '0';
-    *p++ = 'x';
-    int shift = 60;
-    while (shift > 0 && !((v >> shift) & 0xf))
-        shift -= 4;
-    for (; shift >= 0; shift -= 4)
-        *p++ = "0123456789abcdef"[(v >> shift) & 0xf];
-    return p;
-}
-
-static char *kdec(char *p, uint64_t v)
-{
-    char tmp[24];
-    int n = 0;
-    do {
-        tmp[n++] = '0' + v % 10;
-        v /= 10;
-    } while (v);
-    while (n)
-        *p++ = tmp[--n];
-    return p;
-}
+/* Numbers are formatted by lib.c's fmt_hex/fmt_u64: one image, one identity map, and no
+ * SMAP, so CPL-0 code may call them. */
 
 static void __attribute__((noreturn)) kern_halt(uint32_t code)
 {
@@ -108,13 +86,13 @@ void kern_exception(struct exc_frame *f)
     }
     __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
     p = kcat(p, "colocore guest: exception ");
-    p = kdec(p, f->vector);
+    p = fmt_u64(p, f->vector);
     p = kcat(p, " at RIP=");
-    p = khex(p, f->rip);
+    p = fmt_hex(p, f->rip);
     p = kcat(p, " CR2=");
-    p = khex(p, cr2);
+    p = fmt_hex(p, cr2);
     p = kcat(p, " error=");
-    p = khex(p, f->error);
+    p = fmt_hex(p, f->error);
     p = kcat(p, (f->cs & 3) ? " (CPL 3)\n" : " (CPL 0)\n");
     com1_write(buf, p - buf);
     kern_halt(PANIC_EXCEPTION + (uint32_t)f->vector);

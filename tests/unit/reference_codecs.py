@@ -231,6 +231,18 @@ def _sequence(out, literals, offset, mlen):
             _ext(out, ml - 15)
 
 
+def _read_ext(src, i, length):
+    """An LZ4 length continued in bytes of 255 and a last byte below it: (length, next i)."""
+    while True:
+        if i >= len(src):
+            raise ValueError("lz4 batch: malformed lz4 data (truncated length)")
+        b = src[i]
+        i += 1
+        length += b
+        if b != 255:
+            return length, i
+
+
 def lz4_block_decompress(src, n):
     """Decode an LZ4 block of exactly n bytes; ValueError on anything malformed."""
     src = bytes(src)
@@ -243,14 +255,7 @@ def lz4_block_decompress(src, n):
         i += 1
         lit = token >> 4
         if lit == 15:
-            while True:
-                if i >= len(src):
-                    raise ValueError("lz4 batch: malformed lz4 data (truncated length)")
-                b = src[i]
-                i += 1
-                lit += b
-                if b != 255:
-                    break
+            lit, i = _read_ext(src, i, lit)
         if i + lit > len(src) or len(out) + lit > n:
             raise ValueError("lz4 batch: malformed lz4 data (literals overrun)")
         out += src[i:i + lit]
@@ -265,14 +270,7 @@ def lz4_block_decompress(src, n):
             raise ValueError("lz4 batch: malformed lz4 data (bad match offset)")
         ml = token & 15
         if ml == 15:
-            while True:
-                if i >= len(src):
-                    raise ValueError("lz4 batch: malformed lz4 data (truncated length)")
-                b = src[i]
-                i += 1
-                ml += b
-                if b != 255:
-                    break
+            ml, i = _read_ext(src, i, ml)
         ml += 4
         if len(out) + ml > n:
             raise ValueError("lz4 batch: malformed lz4 data (match overrun)")
