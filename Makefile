@@ -15,7 +15,7 @@ $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q cython setuptools wheel textual psutil lz4 pyroute2 \
-		pytest hypothesis qemu.qmp pytest-textual-snapshot
+		pytest pytest-timeout hypothesis qemu.qmp pytest-textual-snapshot
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)

@@ -79,7 +79,8 @@ setup(
     cmdclass={"build_ext": BuildExtWithGuests, "build_py": BuildPyWithGuests},
     python_requires=">=3.11",
     install_requires=["textual", "psutil", "lz4", "pyroute2"],
-    extras_require={"test": ["pytest", "hypothesis", "qemu.qmp", "pytest-textual-snapshot"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "qemu.qmp",
+                             "pytest-textual-snapshot"]},
     entry_points={"console_scripts": ["colocore=colocore.cli:main",
                                       "colocore-tui=colocore_tui.app:main"]},
 )

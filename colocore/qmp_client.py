@@ -278,8 +278,8 @@ class AsyncQmpClient:
                 pass
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+            # gather, not a bare await in try/except CancelledError: a cancellation of the
+            # *caller* while it waits here must propagate, or the caller's task never ends
+            # (asyncio.run then hangs cancelling it)
+            await asyncio.gather(self._task, return_exceptions=True)
         self._reader = self._writer = self._task = None

@@ -48,7 +48,7 @@ class QmpLink:
         """The next event; LinkLost once the connection is gone (checked every EVENT_POLL_S)."""
         while True:
             try:
-                event = await asyncio.wait_for(self.client.events.get(), EVENT_POLL_S)
+                event = await wait_for(self.client.events.get(), EVENT_POLL_S)
             except asyncio.TimeoutError:
                 if not self.client.connected:
                     raise LinkLost("%s: connection closed" % self.address) from None
@@ -60,6 +60,17 @@ class QmpLink:
             await self.client.close()
         except Exception:  # noqa: BLE001 - closing a dead link must not fail
             pass
+
+
+async def wait_for(aw, timeout):
+    """asyncio.wait_for that never swallows a cancellation of the caller: on Python 3.11
+    it may return the result instead of raising when the cancel and the result arrive
+    together, and a polling loop would then run forever (gh-86296)."""
+    result = await asyncio.wait_for(aw, timeout)
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
+    return result
 
 
 def _event_tuple(event):

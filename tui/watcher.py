@@ -9,7 +9,7 @@ import os
 import re
 import time
 
-from .link import CommandFailed, LinkLost, open_link
+from .link import CommandFailed, LinkLost, open_link, wait_for
 from .messages import LinkChanged, MigrationSettings, NodeEvent, NodeStatus
 
 POLL_S = 0.5              # status poll period
@@ -160,7 +160,7 @@ class NodeWatcher:
             n += 1
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(),
+                await wait_for(self._wake.wait(),
                                        FAST_POLL_S if self.follow_failover else POLL_S)
             except asyncio.TimeoutError:
                 pass
