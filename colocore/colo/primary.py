@@ -67,6 +67,11 @@ def run(colo, ch, checkpointer):
     except (PeerLost, StreamError, ColocoreError, OSError) as exc:
         if colo.failover.state == FailoverState.NONE:
             colo.peer_lost(exc)
+    except Exception as exc:  # noqa: BLE001 - a bug must not end COLO silently
+        log.exception("COLO primary: internal error in the checkpoint loop")
+        ch.close()          # the secondary sees the primary gone, as it is
+        if colo.failover.state == FailoverState.NONE:
+            colo.peer_lost(PeerLost("internal error: %s" % exc, closed=False))
     finally:
         colo.channel = None
     # Wait for the operator (or the heartbeat) to fail over; the guest runs meanwhile,

@@ -68,6 +68,7 @@ class Colo:
         self.secondary_done = threading.Event()   # the secondary loop has returned
         self.takeover_done = threading.Event()
         self.quitting = threading.Event()
+        self.unusable = None              # why this secondary may not take over, if so
 
     # ---- reporting -----------------------------------------------------------------
 
@@ -100,6 +101,7 @@ class Colo:
         self.channel = ch
         self.mode = mode
         self.peer_state = "connected"
+        self.unusable = None
 
     def leave(self):
         """This node is out of COLO (failover done, or stopped by a takeover)."""
@@ -125,6 +127,8 @@ class Colo:
         or on a takeover thread (secondary)."""
         if self.mode == "none":
             raise ColocoreError("VM is not in COLO mode")
+        if self.unusable:
+            raise ColocoreError("this secondary cannot take over: %s" % self.unusable)
         self.failover.request(loading=self.mode == "secondary" and self.loading)
         if self.reason == "none":
             self.reason = "request"

@@ -40,7 +40,7 @@ def parse_mem(text):
         mult, t = 1 << 10, t[:-1]
     try:
         value = int(float(t) * mult)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ColocoreError("-m %r: expected a size like 256M or 1G" % text) from None
     if value <= 0 or value % (2 << 20):
         raise ColocoreError("-m %r: memory must be a positive multiple of 2 MiB" % text)

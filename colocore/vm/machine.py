@@ -24,7 +24,6 @@ from colocore.vm.memory import GuestMemory
 log = logging.getLogger("colocore.machine")
 
 MAX_MEM = 3 << 30
-DEVICE_NAMES = ("uart", "virtio-console", "platform", "console-out", "serial-out")
 PAUSE_TIMEOUT = 2.0
 SPIN_PARK = 0.002
 
@@ -103,6 +102,7 @@ class Machine:
         self._thread = None
         self.kernel = None
         self.append = ""
+        self._scratch = None          # a vCPU to try saved states on (check_state)
 
     # ---- run state -------------------------------------------------------------
 
@@ -262,34 +262,70 @@ class Machine:
 
     # ---- state capture ---------------------------------------------------------
 
-    def device_states(self):
-        return {"uart": self.uart.save(), "virtio-console": self.console.save(),
-                "platform": self.platform.save(), "console-out": self.console_out.save(),
-                "serial-out": self.serial_out.save()}
+    def _devices(self):
+        """Every device with saved state, by the name its state has in DEVICES."""
+        return {"uart": self.uart, "virtio-console": self.console, "platform": self.platform,
+                "console-out": self.console_out, "serial-out": self.serial_out}
 
-    def check_saved_state(self, cpu, devices, what):
-        """Raise StreamError unless this vCPU and device state would load here. Changes
-        nothing: callers check a whole unit before they apply any of it."""
+    def device_states(self):
+        return {name: dev.save() for name, dev in self._devices().items()}
+
+    def check_state(self, cpu, devices, what):
+        """Check a saved vCPU and device state against this machine before any of it is
+        applied; return the devices' checked states (what `load_state` takes). Raises
+        StreamError; changes nothing.
+
+        The vCPU state is tried on a scratch vCPU of a scratch VM: KVM refuses some states
+        (a bad CR0/EFER pair, an MSR this host lacks) only when they are set, and a unit
+        must be refused before the secondary answers vmstate-received for it, not
+        half-way through its apply."""
         try:
             self.vcpu.check_state(cpu)
-        except ValueError as exc:
-            raise StreamError("%s: the vCPU state does not fit this host: %s" % (what, exc)) from None
-        for name in DEVICE_NAMES:
+            self._scratch_vcpu().set_state(cpu)
+        except (ValueError, OSError) as exc:
+            raise StreamError("%s: the vCPU state does not load on this host: %s"
+                              % (what, exc)) from None
+        if not isinstance(devices, dict):
+            raise StreamError("%s: the device state is not an object" % what)
+        known = self._devices()
+        extra = set(devices) - set(known)
+        if extra:
+            raise StreamError("%s: state for unknown device(s) %s"
+                              % (what, ", ".join(sorted(map(str, extra)))))
+        checked = {}
+        for name, dev in known.items():
             if name not in devices:
                 raise StreamError("%s: the device state lacks %r" % (what, name))
+            try:
+                checked[name] = dev.check(devices[name])
+            except (ValueError, TypeError) as exc:
+                raise StreamError("%s: %s" % (what, exc)) from None
+        return checked
 
-    def load_device_states(self, states):
-        for name in DEVICE_NAMES:
-            if name not in states:
-                raise ColocoreError("device state lacks %r" % name)
-        self.uart.reset()
-        self.console.reset()
-        self.platform.reset()
-        self.uart.load(states["uart"])
-        self.console.load(states["virtio-console"])
-        self.platform.load(states["platform"])
-        self.console_out.load(states["console-out"])
-        self.serial_out.load(states["serial-out"])
+    def _scratch_vcpu(self):
+        if self._scratch is None:
+            self._scratch = kvm.Vcpu(kvm.Vm(2 << 20, dirty_log=False,
+                                            kvm_path=os.environ.get("COLOCORE_KVM_DEVICE",
+                                                                    "/dev/kvm")))
+        return self._scratch
+
+    def load_vcpu(self, cpu):
+        """Set a vCPU state checked by check_state() (the machine parked). Only the kernel
+        can still refuse it, on grounds the scratch vCPU did not share; then the vCPU is
+        put back as it was and StreamError raised: a refused unit changes nothing."""
+        before = self.vcpu.get_state()
+        try:
+            self.vcpu.set_state(cpu)
+        except (ValueError, OSError) as exc:
+            self.vcpu.set_state(before)
+            raise StreamError("the kernel refused the vCPU state: %s" % exc) from None
+
+    def load_devices(self, devices):
+        """Load device states returned by check_state(): this cannot fail."""
+        for dev in (self.uart, self.console, self.platform):
+            dev.reset()
+        for name, dev in self._devices().items():
+            dev.load(devices[name])
 
     def hold_output(self):
         """Entering COLO: guest output is held until a checkpoint that produced it is

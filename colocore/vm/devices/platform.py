@@ -7,6 +7,8 @@ the GIL) until input arrives, the node wants the vCPU (pause), or the timeout pa
 import threading
 import time
 
+from colocore.vm.devices import U32, U64, check_fields
+
 BASE = 0xD0001000
 SIZE = 0x1000
 DEFAULT_WAIT_US = 50_000
@@ -61,7 +63,12 @@ class Platform:
         return {"wait_timeout_us": self.wait_timeout_us, "clock_hi": self.clock_hi,
                 "clock_ns": time.monotonic_ns() + self.clock_offset}
 
+    @staticmethod
+    def check(s):
+        return check_fields(s, {"wait_timeout_us": U32, "clock_hi": U32, "clock_ns": U64},
+                            "platform")
+
     def load(self, s):
-        self.wait_timeout_us = int(s["wait_timeout_us"])
-        self.clock_hi = int(s["clock_hi"])
-        self.clock_offset = int(s["clock_ns"]) - time.monotonic_ns()
+        self.wait_timeout_us = s["wait_timeout_us"]
+        self.clock_hi = s["clock_hi"]
+        self.clock_offset = s["clock_ns"] - time.monotonic_ns()

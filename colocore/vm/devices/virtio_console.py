@@ -13,6 +13,8 @@ import logging
 import struct
 import threading
 
+from colocore.vm.devices import U8, U16, U32, U64, check_fields
+
 log = logging.getLogger("colocore.virtio")
 
 BASE = 0xD0000000
@@ -47,9 +49,18 @@ class Virtqueue:
         return dict(num=self.num, ready=self.ready, desc=self.desc, driver=self.driver,
                     device=self.device, last_avail=self.last_avail, used_idx=self.used_idx)
 
+    @staticmethod
+    def check(s):
+        s = check_fields(s, {"num": (0, QUEUE_NUM_MAX), "ready": (0, 1), "desc": U64,
+                             "driver": U64, "device": U64, "last_avail": U16,
+                             "used_idx": U16}, "virtqueue")
+        if s["num"] & (s["num"] - 1):
+            raise ValueError("virtqueue: size %d is not a power of two" % s["num"])
+        return s
+
     def load(self, s):
         for k in ("num", "ready", "desc", "driver", "device", "last_avail", "used_idx"):
-            setattr(self, k, int(s[k]))
+            setattr(self, k, s[k])
 
 
 class VirtioConsole:
@@ -275,10 +286,20 @@ class VirtioConsole:
                 "config_generation": self.config_generation,
                 "queues": [q.save() for q in self.queues], "rx_pending": rx}
 
+    @staticmethod
+    def check(s):
+        s = check_fields(s, {"status": U8, "device_features_sel": U32,
+                             "driver_features_sel": U32, "driver_features": U64,
+                             "queue_sel": U32, "interrupt_status": U32,
+                             "config_generation": U32, "queues": ("list", 2),
+                             "rx_pending": ("bytes", RX_LIMIT)}, "virtio-console")
+        s["queues"] = [Virtqueue.check(q) for q in s["queues"]]
+        return s
+
     def load(self, s):
         for k in ("status", "device_features_sel", "driver_features_sel", "driver_features",
                   "queue_sel", "interrupt_status", "config_generation"):
-            setattr(self, k, int(s[k]))
+            setattr(self, k, s[k])
         for q, qs in zip(self.queues, s["queues"]):
             q.load(qs)
         with self._rx_lock:
