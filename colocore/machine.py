@@ -20,6 +20,7 @@ from .devices.output import OutputChannel
 from .devices.platform import BASE as PLATFORM_BASE, SIZE as PLATFORM_SIZE, Platform
 from .devices.uart import COM1, Uart16550
 from .devices.virtio_console import BASE as VIRTIO_BASE, SIZE as VIRTIO_SIZE, VirtioConsole
+from .devices.virtio_net import BASE as NET_BASE, SIZE as NET_SIZE, VirtioNet
 from .errors import ColocoreError, StreamError
 from .memory import GuestMemory
 
@@ -51,6 +52,7 @@ class Bus:
 
     def __init__(self, uart, console, platform):
         self.uart, self.console, self.platform = uart, console, platform
+        self.net = None
         self.unhandled = 0
 
     def pio_read(self, port, size):
@@ -68,6 +70,8 @@ class Bus:
     def mmio_read(self, addr, size):
         if VIRTIO_BASE <= addr < VIRTIO_BASE + VIRTIO_SIZE:
             return self.console.mmio_read(addr - VIRTIO_BASE, size)
+        if NET_BASE <= addr < NET_BASE + NET_SIZE and self.net is not None:
+            return self.net.mmio_read(addr - NET_BASE, size)
         if PLATFORM_BASE <= addr < PLATFORM_BASE + PLATFORM_SIZE:
             return self.platform.mmio_read(addr - PLATFORM_BASE, size)
         self.unhandled += 1
@@ -76,6 +80,10 @@ class Bus:
     def mmio_write(self, addr, size, value):
         if VIRTIO_BASE <= addr < VIRTIO_BASE + VIRTIO_SIZE:
             self.console.mmio_write(addr - VIRTIO_BASE, size, value)
+            if addr - VIRTIO_BASE == 0x050 and self.net is not None:
+                self.net.deliver_rx()     # receive buffers are filled at any notify
+        elif NET_BASE <= addr < NET_BASE + NET_SIZE and self.net is not None:
+            self.net.mmio_write(addr - NET_BASE, size, value)
         elif PLATFORM_BASE <= addr < PLATFORM_BASE + PLATFORM_SIZE:
             self.platform.mmio_write(addr - PLATFORM_BASE, size, value)
         else:
@@ -127,7 +135,9 @@ class Machine:
         self.console_out = OutputChannel("console", lambda data: None)
         self.serial_out = OutputChannel("serial", lambda data: None)
         self.uart = Uart16550(self.serial_out)
-        self.console = VirtioConsole(self.memory.ram, self.memory.mark_dirty, self.console_out)
+        self.console = VirtioConsole(self.memory.ram, self.memory.mark_dirty, self.console_out,
+                                     dirty_log=self.memory.dirty)
+        self.nic = None
         self.platform = Platform(self.console, self._guest_exit, self._guest_panic)
         self.bus = Bus(self.uart, self.console, self.platform)
         self.runstate = "prelaunch"
@@ -153,6 +163,14 @@ class Machine:
                 raise ColocoreError("cannot switch run state from %s to %s" % (old, new))
             self.runstate = new
         return old
+
+    def attach_nic(self, mac, backend):
+        """Plug the virtio-net card (before the vCPU starts); backend: TapBackend or None."""
+        self.nic = VirtioNet(self.memory.ram, self.memory.dirty, mac=mac, backend=backend)
+        self.nic.on_event = self.platform.wake
+        self.bus.net = self.nic
+        self.platform.net = self.nic
+        return self.nic
 
     # ---- boot ------------------------------------------------------------------
 
@@ -304,9 +322,12 @@ class Machine:
     # ---- state capture ---------------------------------------------------------
 
     def device_states(self):
-        return {"uart": self.uart.save(), "virtio-console": self.console.save(),
-                "platform": self.platform.save(), "console-out": self.console_out.save(),
-                "serial-out": self.serial_out.save()}
+        states = {"uart": self.uart.save(), "virtio-console": self.console.save(),
+                  "platform": self.platform.save(), "console-out": self.console_out.save(),
+                  "serial-out": self.serial_out.save()}
+        if self.nic is not None:
+            states["virtio-net"] = self.nic.save()
+        return states
 
     def check_saved_state(self, cpu, devices, what):
         """Raise StreamError unless this vCPU and device state would load here. Changes
@@ -318,6 +339,9 @@ class Machine:
         for name in DEVICE_NAMES:
             if name not in devices:
                 raise StreamError("%s: the device state lacks %r" % (what, name))
+        if "virtio-net" in devices and self.nic is None:
+            raise StreamError("%s: the guest has a network card (virtio-net); start this node "
+                              "with --nic tap,ifname=NAME" % what)
 
     def load_device_states(self, states):
         for name in DEVICE_NAMES:
@@ -331,6 +355,11 @@ class Machine:
         self.platform.load(states["platform"])
         self.console_out.load(states["console-out"])
         self.serial_out.load(states["serial-out"])
+        if self.nic is not None:
+            # a guest saved without a NIC never drove this one: it starts reset
+            self.nic.reset()
+            if "virtio-net" in states:
+                self.nic.load(states["virtio-net"])
 
     def machine_info(self):
         return {"mem_size": self.mem_size, "name": self.name, "arch": "x86_64",

@@ -80,6 +80,19 @@ class HmpCommands:
         def _migrate(args):
             return node.migration.info_text()
 
+        @self.info("network", "show the network card: MAC, link, tap, frame counters")
+        def _network(args):
+            nic = node.machine.nic
+            return nic.info() if nic is not None else "no network card (start with --nic)"
+
+        @self.command("announce_self", "", "announce the guest's MAC on the network "
+                      "(RARP rounds and the virtio-net ANNOUNCE bit)")
+        def _announce(args):
+            if node.machine.nic is None:
+                raise HmpError("no network card (start the node with --nic)")
+            node.announce_nic()
+            return ""
+
         @self.command("stop", "", "stop emulation")
         def _stop(args):
             node.stop()

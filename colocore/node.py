@@ -13,11 +13,14 @@ import time
 from . import snapshot
 from .chardev import Chardev, parse_chardev
 from .colo import Colo, colo_supported
+from .devices.virtio_net import DEFAULT_MAC
 from .errors import ColocoreError
 from .incoming import Incoming
 from .machine import Machine
 from .migration import Migration
 from .monitor import HmpCommands, attach_monitor
+from .net.announce import announce
+from .net.tap import TapBackend, parse_nic
 from .params import MigrationSettings
 
 log = logging.getLogger("colocore.node")
@@ -79,6 +82,8 @@ class Node:
                 self.specs[what] = parse_chardev(value, "--" + what)
         if "serial" not in self.specs:
             self.specs["serial"] = parse_chardev("log")
+        self.nic_spec = parse_nic(args.nic) if getattr(args, "nic", None) else None
+        self.nic_backend = None
 
     # ---- events ------------------------------------------------------------------
 
@@ -120,6 +125,10 @@ class Node:
         if tcp_incoming:
             self.incoming = Incoming(self, a.incoming)     # binds now: a busy port fails here
         self.machine = Machine(mem, self.name, on_event=self.emit_event)
+        if self.nic_spec is not None:
+            # before the guest exists anywhere: a NIC that cannot be set up stops the start
+            self.nic_backend = TapBackend(self.nic_spec).open()
+            self.machine.attach_nic(self.nic_spec.mac or DEFAULT_MAC, self.nic_backend)
         self.settings = MigrationSettings(colo_supported=colo_supported(self.machine))
         self.settings.on_parameter_change = self._parameter_changed
         m = self.machine
@@ -145,7 +154,15 @@ class Node:
                 m.set_runstate("paused")
         else:
             m.resume()
+        if snap is not None:
+            self.announce_nic()
         self._install_signals()
+
+    def announce_nic(self):
+        """The guest's MAC may live on another port now: tell the network (QEMU does it
+        after every incoming migration)."""
+        if self.machine.nic is not None and self.machine.nic.backend is not None:
+            announce(self.loop, self.machine.nic)
 
     def _parameter_changed(self, name, value):
         if name == "x-checkpoint-delay" and self.colo.mode == "primary":
@@ -163,6 +180,7 @@ class Node:
         async def go():
             await self._start_serving()
             self.machine.resume()
+            self.announce_nic()
         asyncio.ensure_future(go())
 
     def schedule_takeover(self):
@@ -266,5 +284,7 @@ class Node:
             ch.close()
         if self.machine is not None:
             self.machine.close()
+        if self.nic_backend is not None:
+            self.nic_backend.close()        # a tap this node created goes with it
         for cd in self.chardevs.values():
             cd.close()
