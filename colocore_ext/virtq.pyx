@@ -68,7 +68,8 @@ cdef class GuestRam:
     cdef DirtyLog dirty
     cdef object _view
 
-    def __cinit__(self, ram, DirtyLog dirty):
+    def __cinit__(self, ram, DirtyLog dirty=None):
+        # dirty=None: RAM that no dirty log follows (unit tests of the ring code)
         cdef uint8_t[::1] mv = ram
         self._view = ram
         self.base = &mv[0]
@@ -80,7 +81,11 @@ cdef class GuestRam:
 
     cdef inline void put16(self, uint64_t gpa, uint16_t v) noexcept nogil:
         memcpy(self.base + gpa, &v, 2)
-        self.dirty.mark_range_nogil(gpa, 2)
+        self.mark(gpa, 2)
+
+    cdef inline void mark(self, uint64_t gpa, uint64_t length) noexcept nogil:
+        if self.dirty is not None:
+            self.dirty.mark_range_nogil(gpa, length)
 
 
 cdef class Virtqueue:
@@ -173,7 +178,7 @@ cdef class Virtqueue:
         cdef uint64_t slot = self.device + 4 + 8 * (self.used_idx % self.num)
         memcpy(ram.base + slot, &head, 4)
         memcpy(ram.base + slot + 4, &written, 4)
-        ram.dirty.mark_range_nogil(slot, 8)
+        ram.mark(slot, 8)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
 
     cdef inline void publish_used(self, GuestRam ram) noexcept nogil:
@@ -478,9 +483,9 @@ cdef class NetPath:
                 take = iov[k].iov_len if iov[k].iov_len < left else left
                 if take:
                     h = fnv1a(<uint8_t *>iov[k].iov_base, take, h)
-                    ram.dirty.mark_range_nogil(<uint64_t>(<uint8_t *>iov[k].iov_base - ram.base), take)
+                    ram.mark(<uint64_t>(<uint8_t *>iov[k].iov_base - ram.base), take)
                 left -= take
-            ram.dirty.mark_range_nogil(<uint64_t>(hdr - ram.base), VNET_HDR)
+            ram.mark(<uint64_t>(hdr - ram.base), VNET_HDR)
             q.used(ram, head, <uint32_t>(got + VNET_HDR))
             q.last_avail = (q.last_avail + 1) & 0xFFFF
             delivered += 1

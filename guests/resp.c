@@ -27,6 +27,7 @@ enum { E_NONE, E_TOO_MANY, E_TOO_BIG };
 
 struct resp_conn {
     uint8_t state, err, quit;
+    uint8_t proto;                      /* 2, or 3 after HELLO 3 (redis-py 8 asks for it) */
     int32_t expected, nargs;
     int64_t bulk_left;                  /* payload bytes of the current bulk still to come */
     uint32_t crlf_left;                 /* then this many terminator bytes */
@@ -60,6 +61,7 @@ static void reset_cmd(struct resp_conn *r)
 void app_open(int id)
 {
     memset(&conns[id], 0, sizeof(conns[id]) - ARGBUF);
+    conns[id].proto = 2;
     reset_cmd(&conns[id]);
 }
 
@@ -113,6 +115,12 @@ static char *put_num(char *p, char type, int64_t v)
     *p++ = '\r';
     *p++ = '\n';
     return p;
+}
+
+/* RESP3 differs from RESP2 only where kvnet's replies need it: null and maps */
+static char *put_null(char *p, const struct resp_conn *r)
+{
+    return put_str(p, r->proto == 3 ? "_\r\n" : "$-1\r\n");
 }
 
 static void send_str(int id, const char *s)
@@ -215,7 +223,7 @@ static void execute(int id, struct resp_conn *r)
         if (e && e->used)
             p = put_bulk(p, e->val, e->vlen);
         else
-            p = put_str(p, "$-1\r\n");
+            p = put_null(p, r);
     } else if (word_is(cmd, cl, "SET")) {
         if (n != 3) {
             if (n > 3)
@@ -250,24 +258,31 @@ static void execute(int id, struct resp_conn *r)
                 count += kv_find(a[i], l[i], kv_hash(a[i], l[i]))->used;
         }
         p = put_num(p, ':', count);
-    } else if (word_is(cmd, cl, "INCR")) {
-        int64_t v = 0;
-        if (n != 2)
+    } else if (word_is(cmd, cl, "INCR") || word_is(cmd, cl, "DECR") ||
+               word_is(cmd, cl, "INCRBY") || word_is(cmd, cl, "DECRBY")) {
+        /* redis-py's incr() is INCRBY key 1 */
+        int by = word_is(cmd, cl, "INCRBY") || word_is(cmd, cl, "DECRBY");
+        int neg = cmd[0] == 'd' || cmd[0] == 'D';
+        int64_t v = 0, d = 1;
+        if (n != (by ? 3u : 2u))
             return arity_error(id, cmd, cl);
         if (!check_sizes(id, r, 1, 1, 0))
             return;
+        if (by && (!parse_i64(a[2], l[2], &d) || (neg && d == (-9223372036854775807LL - 1))))
+            return send_str(id, "-ERR value is not an integer or out of range\r\n");
+        if (neg)
+            d = -d;
         struct kv_entry *e = kv_find(a[1], l[1], kv_hash(a[1], l[1]));
-        if (e->used && (!parse_i64(e->val, e->vlen, &v) || v == 9223372036854775807LL)) {
-            send_str(id, "-ERR value is not an integer or out of range\r\n");
-            return;
-        }
+        if ((e->used && !parse_i64(e->val, e->vlen, &v)) ||
+            (d > 0 && v > 9223372036854775807LL - d) ||
+            (d < 0 && v < (-9223372036854775807LL - 1) - d))
+            return send_str(id, "-ERR increment or decrement would overflow, or the value is "
+                                "not an integer\r\n");
         char num[24];
-        v++;
+        v += d;
         uint32_t nl = (uint32_t)(put_int(num, v) - num);
-        if (!kv_set(a[1], l[1], num, nl)) {
-            send_str(id, "-ERR table full\r\n");
-            return;
-        }
+        if (!kv_set(a[1], l[1], num, nl))
+            return send_str(id, "-ERR table full\r\n");
         p = put_num(p, ':', v);
     } else if (word_is(cmd, cl, "MSET")) {
         if (n < 3 || !(n & 1))
@@ -293,7 +308,7 @@ static void execute(int id, struct resp_conn *r)
             if (e && e->used)
                 p = put_bulk(p, e->val, e->vlen);
             else
-                p = put_str(p, "$-1\r\n");
+                p = put_null(p, r);
         }
     } else if (word_is(cmd, cl, "DBSIZE")) {
         if (n != 1)
@@ -309,8 +324,32 @@ static void execute(int id, struct resp_conn *r)
         r->quit = 1;
     } else if (word_is(cmd, cl, "CONFIG") || word_is(cmd, cl, "COMMAND")) {
         /* clients probe these when they connect: nothing to report */
-        if (word_is(cmd, cl, "CONFIG") && (n < 2 || !word_is(a[1], l[1], "GET")))
+        int config = word_is(cmd, cl, "CONFIG");
+        if (config && (n < 2 || !word_is(a[1], l[1], "GET")))
             return send_str(id, "-ERR CONFIG: only CONFIG GET is supported\r\n");
+        p = put_str(p, config && r->proto == 3 ? "%0\r\n" : "*0\r\n");
+    } else if (word_is(cmd, cl, "HELLO")) {
+        int64_t v = r->proto;
+        if (n >= 2 && (!parse_i64(a[1], l[1], &v) || v < 2 || v > 3))
+            return send_str(id, "-NOPROTO sorry, this protocol version is not supported\r\n");
+        for (uint32_t i = 2; i < n; i++)
+            if (word_is(a[i], l[i], "AUTH"))
+                return send_str(id, "-ERR AUTH: kvnet has no passwords; drop AUTH\r\n");
+        r->proto = (uint8_t)v;
+        p = put_str(p, v == 3 ? "%7\r\n" : "*14\r\n");
+        p = put_bulk(p, "server", 6);
+        p = put_bulk(p, "redis", 5);
+        p = put_bulk(p, "version", 7);
+        p = put_bulk(p, "7.0.0", 5);
+        p = put_bulk(p, "proto", 5);
+        p = put_num(p, ':', v);
+        p = put_bulk(p, "id", 2);
+        p = put_num(p, ':', id + 1);
+        p = put_bulk(p, "mode", 4);
+        p = put_bulk(p, "standalone", 10);
+        p = put_bulk(p, "role", 4);
+        p = put_bulk(p, "master", 6);
+        p = put_bulk(p, "modules", 7);
         p = put_str(p, "*0\r\n");
     } else if (word_is(cmd, cl, "CLIENT")) {
         if (n >= 2 && (word_is(a[1], l[1], "SETINFO") || word_is(a[1], l[1], "SETNAME")))
