@@ -73,7 +73,7 @@ def main(argv=None):
     sc.add_argument("file", help="the scenario file, or - for stdin")
     sc.add_argument("--workdir", help="where started nodes keep sockets and logs (default: a temp dir)")
     b = sub.add_parser("bench", help="benchmarks")
-    b.add_argument("what", choices=["pipeline", "checkpoint", "failover", "migrate"])
+    b.add_argument("what", choices=["pipeline", "checkpoint", "failover", "migrate", "net"])
     b.add_argument("--json", action="store_true")
     b.add_argument("--trials", type=int, default=20, help="failover: number of trials")
     b.add_argument("--capabilities", default="compress", metavar="CAP,...",
@@ -92,6 +92,9 @@ def main(argv=None):
         from . import script
         return script.main(args)
     if args.cmd == "bench":
+        if args.what == "net":
+            from . import bench_net
+            return bench_net.main(json_out=args.json, quick=args.quick)
         if args.what != "pipeline":
             from . import bench_colo
             return bench_colo.main(args.what, json_out=args.json, trials=args.trials,

@@ -82,8 +82,10 @@ class HmpCommands:
 
         @self.info("network", "show the network card: MAC, link, tap, frame counters")
         def _network(args):
-            nic = node.machine.nic
-            return nic.info() if nic is not None else "no network card (start with --nic)"
+            m = node.machine
+            if m.nic is None:
+                return "no network card (start with --nic)"
+            return "%s\n  vcpu: %d exits, %d waits" % (m.nic.info(), m.vcpu.exits, m.platform.waits)
 
         @self.command("announce_self", "", "announce the guest's MAC on the network "
                       "(RARP rounds and the virtio-net ANNOUNCE bit)")

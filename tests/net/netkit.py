@@ -32,6 +32,17 @@ def need_tools(*names):
         pytest.skip(msg)
 
 
+def need_redis_py():
+    try:
+        import redis
+    except ImportError:
+        msg = "redis-py is not installed (make test installs it: pip install redis)"
+        if REQUIRE:
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
+    return redis
+
+
 @contextlib.contextmanager
 def guest_lab(prefix="ccn", mtu=None):
     """Client host c (10.0.0.1) wired to bridge br0 in guest host h (10.0.0.9 on br0)."""

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from netkit import (GUEST_IP, PORT, Resp, RespError, guest_lab, icmp_ping, need_tools,
+from netkit import (GUEST_IP, PORT, Resp, guest_lab, icmp_ping, need_redis_py, need_tools,
                     run_in, start_kvnet, wait_resp)
 
 
@@ -35,7 +35,7 @@ def test_ping_redis_cli_and_the_tap_the_node_made(nodes, lab):
 
 
 def test_redis_py_ten_thousand_keys_pipelined_and_every_command(nodes, lab):
-    redis = pytest.importorskip("redis")
+    redis = need_redis_py()
     lab_, h, c = lab
     node = start_kvnet(nodes, lab_, h)
     wait_resp(lab_, c, node=node).close()

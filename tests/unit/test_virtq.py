@@ -8,49 +8,17 @@ import struct
 import pytest
 
 from colocore_ext import virtq
+from colocore.bench_net import RingDriver
 from colocore.devices.virtio_net import parse_mac
 from colocore.net.announce import rarp_frame
 from colocore.net.tap import NicError, parse_nic
 
 RAM = 1 << 20
-DESC, AVAIL, USED = 0x1000, 0x2000, 0x3000
 BUFS = 0x10000
 
 
-class Driver:
-    """The guest side of one split queue in `ram`."""
-
-    def __init__(self, ram, base, num=8):
-        self.ram, self.num = ram, num
-        self.desc, self.avail, self.used = base + DESC, base + AVAIL, base + USED
-        self.q = virtq.Virtqueue()
-        self.q.num, self.q.ready = num, 1
-        self.q.desc, self.q.driver, self.q.device = self.desc, self.avail, self.used
-        self.avail_idx = 0
-        self.last_used = 0
-        self.next_desc = 0
-
-    def post(self, bufs):
-        """bufs: [(gpa, len, writable)] as one chain; returns its head."""
-        head = self.next_desc % self.num
-        self.next_desc += len(bufs)
-        for k, (gpa, length, w) in enumerate(bufs):
-            i = (head + k) % self.num
-            nxt = (i + 1) % self.num if k + 1 < len(bufs) else 0
-            flags = (1 if k + 1 < len(bufs) else 0) | (2 if w else 0)
-            struct.pack_into("<QIHH", self.ram, self.desc + 16 * i, gpa, length, flags, nxt)
-        struct.pack_into("<H", self.ram, self.avail + 4 + 2 * (self.avail_idx % self.num), head)
-        self.avail_idx += 1
-        struct.pack_into("<H", self.ram, self.avail + 2, self.avail_idx & 0xFFFF)
-        return head
-
-    def used_entries(self):
-        idx = struct.unpack_from("<H", self.ram, self.used + 2)[0]
-        out = []
-        while self.last_used != idx:
-            out.append(struct.unpack_from("<II", self.ram, self.used + 4 + 8 * (self.last_used % self.num)))
-            self.last_used += 1
-        return out
+def Driver(ram, base):
+    return RingDriver(ram, base, num=8)
 
 
 @pytest.fixture
