@@ -191,6 +191,7 @@ class Node:
                 await self._start_serving()
                 self.machine.resume()
                 self.colo.takeover_finish()
+                self.announce_nic()     # the guest's MAC now lives behind this tap
             except Exception:  # noqa: BLE001 - a failed takeover must be loud
                 log.exception("%s: takeover failed", self.name)
         asyncio.ensure_future(go())

@@ -7,7 +7,7 @@
  * probes, in-order reassembly only (out-of-order segments are dropped and answered with
  * a duplicate ACK), RFC 5961 challenge ACKs for in-window RST/SYN that do not match
  * exactly, and TIME_WAIT that is short (4 s) and yields its slot to a new SYN whenever
- * the table is full. A SYN flood can hold at most a quarter of the table in SYN_RCVD:
+ * the table is full. A SYN flood can hold at most half of the table in SYN_RCVD:
  * beyond that the oldest half-open connection is dropped, so established connections
  * and their slots are never taken by a flood. */
 #include "netstack.h"
@@ -34,7 +34,7 @@
 #define SYNACK_MAX      4
 #define TIME_WAIT_MS    4000
 #define FIN_WAIT2_MS    30000
-#define SYN_RCVD_MAX    (NET_NCONN / 4)
+#define SYN_RCVD_MAX    (NET_NCONN / 2)
 #define MSS_DEFAULT     536
 #define MSS_OURS        (NET_MTU - IP_HLEN - TCP_HLEN)
 #define CWND_MAX        65535

@@ -21,9 +21,9 @@
 #define NET_MTU         1500
 #define ETH_HLEN        14
 #define ETH_FRAME_MAX   (ETH_HLEN + NET_MTU)
-#define NET_NCONN       256             /* TCBs: 128+ live connections plus TIME_WAIT */
+#define NET_NCONN       512             /* TCBs: 256+ live connections plus TIME_WAIT */
 #define TCP_RXBUF       8192            /* per connection: the receive window */
-#define TCP_TXBUF       16384           /* per connection: unacknowledged + unsent replies */
+#define TCP_TXBUF       8192            /* per connection: unacknowledged + unsent replies */
 
 struct net_config {
     uint8_t mac[6];

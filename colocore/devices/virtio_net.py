@@ -71,8 +71,7 @@ class VirtioNet(VirtioMmioDevice):
 
     def reset(self):
         super().reset()
-        if hasattr(self, "out"):
-            self.out.drop_all()
+        self.out.drop_all()             # a driver reset forgets frames not yet sent
 
     # ---- the config space and its events ---------------------------------------------
 

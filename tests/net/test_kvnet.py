@@ -103,7 +103,7 @@ def test_pipelined_benchmark_and_128_concurrent_connections(nodes, lab):
 
 def test_connection_churn_and_time_wait(nodes, lab):
     """QUIT makes the guest close first, so every such connection leaves a TIME_WAIT
-    behind; 600 of them in a row (more than the 256-slot table) must not lock out new
+    behind; 600 of them in a row (more than the 512-slot table) must not lock out new
     clients, and 128 connections open at once still fit afterwards."""
     need_tools("redis-benchmark")
     lab_, h, c = lab
