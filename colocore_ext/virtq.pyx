@@ -186,11 +186,6 @@ cdef class Virtqueue:
 
     # ---- Python level (the console) ---------------------------------------------------
 
-    def pending(self, GuestRam ram):
-        """Whether the driver made a chain available that the device has not taken."""
-        self.check(ram)
-        return self.num != 0 and self.avail_idx(ram) != self.last_avail
-
     def pop(self, GuestRam ram):
         """Take the next available chain: (head, [(gpa, length, writable), ...]), or None."""
         cdef iovec iov[MAX_CHAIN]
@@ -290,13 +285,6 @@ cdef class FrameQueue:
         if not self.hold:
             self.releasable = self.produced
         return p + 4
-
-    def push(self, frame):
-        """Queue one frame given as bytes (host-made frames in tests and tools)."""
-        cdef const uint8_t[::1] mv = frame
-        cdef uint8_t *dst = self.append(mv.shape[0])
-        if mv.shape[0]:
-            memcpy(dst, &mv[0], mv.shape[0])
 
     @property
     def pending(self):

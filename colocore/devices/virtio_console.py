@@ -14,11 +14,7 @@ import threading
 
 from colocore_ext.virtq import GuestRam
 
-from .virtio_mmio import (QUEUE_NUM_MAX, VENDOR, VIRTIO_F_VERSION_1, VirtioMmioDevice,
-                          Virtqueue, VirtqueueError)
-
-__all__ = ["VirtioConsole", "Virtqueue", "VirtqueueError", "BASE", "SIZE", "QUEUE_NUM_MAX",
-           "VIRTIO_F_VERSION_1", "VENDOR"]
+from .virtio_mmio import VirtioMmioDevice, VirtqueueError
 
 BASE = 0xD0000000
 SIZE = 0x200

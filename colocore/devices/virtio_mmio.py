@@ -23,9 +23,6 @@ STATUS_FEATURES_OK = 8
 STATUS_DEVICE_NEEDS_RESET = 0x40
 CONFIG = 0x100
 
-__all__ = ["VirtioMmioDevice", "Virtqueue", "VirtqueueError", "QUEUE_NUM_MAX",
-           "VIRTIO_F_VERSION_1", "VENDOR"]
-
 
 class VirtioMmioDevice:
     device_id = 0
