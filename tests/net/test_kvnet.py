@@ -1,8 +1,6 @@
 """The kvnet guest on a real network: a client host and a guest host joined by a bridge
 (network namespaces made with pyroute2), the node's tap set up by the node itself, and
 real clients: ICMP echo, redis-cli, redis-benchmark, redis-py."""
-import socket
-import time
 
 import pytest
 

@@ -9,7 +9,7 @@ import time
 
 from colocore.procs import free_port, wait_for
 
-from netkit import GUEST_MAC, PORT, Resp, guest_lab, start_kvnet, wait_resp
+from netkit import GUEST_MAC, guest_lab, start_kvnet, wait_resp
 
 
 def test_checkpoints_carry_the_nic_and_the_secondary_serves_after_failover(nodes):

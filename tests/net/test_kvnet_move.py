@@ -6,7 +6,7 @@ import time
 from colocore.netns import Lab
 from colocore.procs import wait_for
 
-from netkit import GUEST_IP, Resp, guest_lab, start_kvnet, wait_resp
+from netkit import Resp, guest_lab, start_kvnet, wait_resp
 
 
 def _busy_connection(lab, c, keys=200):
