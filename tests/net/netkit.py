@@ -227,8 +227,9 @@ class PacketSocket:
     def send(self, frame):
         self.sock.send(frame)
 
-    def capture(self, seconds, match):
-        """Frames for which match(frame) is true, received within `seconds`."""
+    def capture(self, seconds, match, timed=False):
+        """Frames for which match(frame) is true, received within `seconds`
+        (timed: (time.monotonic() at receipt, frame) pairs)."""
         got = []
         deadline = time.monotonic() + seconds
         while True:
@@ -241,7 +242,7 @@ class PacketSocket:
             except socket.timeout:
                 return got
             if match(f):
-                got.append(f)
+                got.append((time.monotonic(), f) if timed else f)
 
     def close(self):
         self.sock.close()

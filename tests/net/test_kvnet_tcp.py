@@ -54,8 +54,7 @@ def test_retransmission_backs_off(nodes):
         t0 = time.monotonic()
         synacks = []
         while len(synacks) < 3 and time.monotonic() - t0 < 5:
-            for f in ps.capture(0.2, mine_only):
-                synacks.append((time.monotonic(), f))
+            synacks += ps.capture(0.2, mine_only, timed=True)
         assert len(synacks) >= 3, "SYN-ACK sent %d times" % len(synacks)
         isn = _tcp_of(synacks[0][1])[0]
         assert all(_tcp_of(f)[0] == isn and _tcp_of(f)[2] == 0x12 for _, f in synacks)
@@ -69,9 +68,7 @@ def test_retransmission_backs_off(nodes):
         replies = []
         t0 = time.monotonic()
         while len(replies) < 3 and time.monotonic() - t0 < 5:
-            for f in ps.capture(0.2, mine_only):
-                if _tcp_of(f)[3]:
-                    replies.append((time.monotonic(), f))
+            replies += [(t, f) for t, f in ps.capture(0.2, mine_only, timed=True) if _tcp_of(f)[3]]
         ps.close()
         assert len(replies) >= 3 and all(_tcp_of(f)[3] == b"+PONG\r\n" for _, f in replies)
         assert len({_tcp_of(f)[0] for _, f in replies}) == 1      # the same bytes again
