@@ -4,7 +4,8 @@ import asyncio
 import logging
 import sys
 
-from .errors import ColocoreError
+from colocore.errors import ColocoreError
+from colocore.tools.bench import BENCHMARKS
 
 
 def _run_parser(sub):
@@ -38,7 +39,7 @@ def _setup_logging(level, name=None):
 
 
 def cmd_run(args):
-    from .node import Node
+    from colocore.control.node import Node
     _setup_logging(args.log_level, args.name)
     try:
         node = Node(args)
@@ -72,35 +73,31 @@ def main(argv=None):
     sc = sub.add_parser("script", help="run a scenario against nodes, headless (JSON lines out)")
     sc.add_argument("file", help="the scenario file, or - for stdin")
     sc.add_argument("--workdir", help="where started nodes keep sockets and logs (default: a temp dir)")
-    b = sub.add_parser("bench", help="benchmarks")
-    b.add_argument("what", choices=["pipeline", "checkpoint", "failover", "migrate", "net"])
+    b = sub.add_parser("bench", help="benchmarks (figures as ratios to a reference measured "
+                                     "in the same run)")
+    b.add_argument("what", choices=BENCHMARKS)
     b.add_argument("--json", action="store_true")
     b.add_argument("--trials", type=int, default=20, help="failover: number of trials")
     b.add_argument("--capabilities", default="compress", metavar="CAP,...",
                    help="checkpoint: migration capabilities of the primary (default compress)")
+    b.add_argument("--no-harvest", action="store_true",
+                   help="pipeline: skip the dirty-log harvest (needs /dev/kvm and 4 GiB)")
     b.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # smoke tests
     args = parser.parse_args(argv)
     if args.cmd == "run":
         return cmd_run(args)
     if args.cmd == "demo":
-        from . import demo
+        from colocore.tools import demo
         return demo.main(args)
     if args.cmd == "monitor":
-        from . import monitor_client
-        return monitor_client.main(args)
+        from colocore.clients import hmp
+        return hmp.main(args)
     if args.cmd == "script":
-        from . import script
+        from colocore.tools import script
         return script.main(args)
     if args.cmd == "bench":
-        if args.what == "net":
-            from . import bench_net
-            return bench_net.main(json_out=args.json, quick=args.quick)
-        if args.what != "pipeline":
-            from . import bench_colo
-            return bench_colo.main(args.what, json_out=args.json, trials=args.trials,
-                                   quick=args.quick, capabilities=args.capabilities)
-        from . import bench_pipeline
-        return bench_pipeline.main(["--json"] if args.json else [])
+        from colocore.tools import bench
+        return bench.main(args)
     return 2
 
 

@@ -14,8 +14,8 @@ import sys
 import tempfile
 import time
 
-from colocore.netns import Lab
-from colocore.procs import NodeSet
+from colocore.tools.netlab import Lab
+from colocore.tools.procs import NodeSet
 
 
 def leaves(raw_path, top=10):

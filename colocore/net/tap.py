@@ -19,7 +19,7 @@ import os
 import struct
 import threading
 
-from ..errors import ColocoreError
+from colocore.errors import ColocoreError
 
 log = logging.getLogger("colocore.net")
 
@@ -49,7 +49,7 @@ class NicSpec:
 
 def parse_nic(text):
     """`tap,ifname=NAME[,mac=52:54:00:XX:XX:XX][,br=BRIDGE]` -> NicSpec (NicError if bad)."""
-    from ..devices.virtio_net import parse_mac
+    from colocore.vm.devices.virtio_net import parse_mac
     parts = [p for p in str(text).split(",") if p]
     if not parts or parts[0] != "tap":
         raise NicError("--nic %r: only the tap backend exists: use --nic tap,ifname=NAME"

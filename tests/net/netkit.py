@@ -1,5 +1,5 @@
 """Helpers for the networked-guest tests: a client host and a guest host joined by a
-bridge (colocore.netns.Lab), a small RESP client on a plain socket (so a reset can never
+bridge (colocore.tools.netlab.Lab), a small RESP client on a plain socket (so a reset can never
 be hidden by a client library's reconnect), frame builders for bad input, ICMP echo."""
 import contextlib
 import os
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from colocore.netns import Lab
+from colocore.tools.netlab import Lab
 
 GUEST_IP = "10.0.0.2"
 CLIENT_IP = "10.0.0.1"

@@ -13,7 +13,7 @@ from netkit import (CLIENT_IP, GUEST_IP, GUEST_MAC, PORT, PacketSocket, Resp, Re
 
 def _stats(node):
     """The guest's own counters, from its console (kvnet answers STATS there)."""
-    from colocore.kvclient import KvClient
+    from colocore.clients.kv import KvClient
     kv = KvClient(node.console)
     try:
         line = kv.request("STATS")
@@ -32,7 +32,7 @@ def _device(node, key):
 @pytest.fixture
 def served():
     with guest_lab(mtu=9000) as (lab, h, c):
-        from colocore.procs import NodeSet
+        from colocore.tools.procs import NodeSet
         with NodeSet() as nodes:
             node = start_kvnet(nodes, lab, h)
             first = wait_resp(lab, c, node=node)

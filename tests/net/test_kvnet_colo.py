@@ -7,7 +7,7 @@ checkpoint."""
 import signal
 import time
 
-from colocore.procs import free_port, wait_for
+from colocore.tools.procs import free_port, wait_for
 
 from netkit import GUEST_MAC, guest_lab, start_kvnet, wait_resp
 

@@ -3,8 +3,8 @@ never a reset. Once through a snapshot file (migrate file: then --incoming file:
 by live migration between two host namespaces on one LAN."""
 import time
 
-from colocore.netns import Lab
-from colocore.procs import wait_for
+from colocore.tools.netlab import Lab
+from colocore.tools.procs import wait_for
 
 from netkit import Resp, guest_lab, start_kvnet, wait_resp
 

@@ -87,7 +87,7 @@ def test_tap_deleted_under_a_running_node(nodes, lab):
     wait_resp(lab_, c, node=node).close()
     lab_.delete_link(h, "tapk")
     # the guest notices at its next exit; traffic toward it makes one
-    from colocore.kvclient import KvClient
+    from colocore.clients.kv import KvClient
     kv = KvClient(node.console)
     deadline = time.monotonic() + 10
     while "link down" not in node.hmp("info network") and time.monotonic() < deadline:

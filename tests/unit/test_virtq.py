@@ -8,8 +8,8 @@ import struct
 import pytest
 
 from colocore_ext import virtq
-from colocore.bench_net import RingDriver
-from colocore.devices.virtio_net import parse_mac
+from colocore.tools.bench.net import RingDriver
+from colocore.vm.devices.virtio_net import parse_mac
 from colocore.net.announce import rarp_frame
 from colocore.net.tap import NicError, parse_nic
 
