@@ -6,7 +6,7 @@ two server hosts on one bridge. The guest's node runs in host `h` with its tap o
 bridge; redis-server runs in host `r`, whose veth is on the same bridge. So each request
 crosses the client's veth, the bridge, and one port (the tap, or redis-server's veth).
 
-Rows (`--json`: {"rows", "frame_path", "kernel"}): target (guest | redis-server), mode
+Rows (`--json`: {"rows", "frame_path", "kernel"}; every row has the kernel too): target (guest | redis-server), mode
 (unprotected; later issues add periodic | hybrid), test (SET | GET), pipeline (1 | 16),
 clients, requests, rps, p50_ms, p99_ms, ratio_to_reference (rps over redis-server's for
 the same test and pipeline). Guest rows carry a profile of the run: vCPU exits and frames
@@ -19,6 +19,7 @@ ring update per frame) in the same run.
 """
 import ctypes
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -304,4 +305,6 @@ def run(args):
     signal.signal(signal.SIGTERM, terminated)
     path = bench_frame_path(batches=20 if args.quick else 200)
     rows = bench_net(quick=args.quick)
+    for r in rows:
+        r["kernel"] = platform.release()       # the host kernel in every row
     return {"rows": rows, "frame_path": path}
