@@ -19,6 +19,7 @@ from colocore.vm.devices.output import OutputChannel
 from colocore.vm.devices.platform import BASE as PLATFORM_BASE, SIZE as PLATFORM_SIZE, Platform
 from colocore.vm.devices.uart import COM1, Uart16550
 from colocore.vm.devices.virtio_console import BASE as VIRTIO_BASE, SIZE as VIRTIO_SIZE, VirtioConsole
+from colocore.vm.devices.virtio_net import BASE as NET_BASE, SIZE as NET_SIZE, VirtioNet
 from colocore.vm.memory import GuestMemory
 
 log = logging.getLogger("colocore.machine")
@@ -48,6 +49,7 @@ class Bus:
 
     def __init__(self, uart, console, platform):
         self.uart, self.console, self.platform = uart, console, platform
+        self.net = None
 
     def pio_read(self, port, size):
         if COM1 <= port < COM1 + 8:
@@ -61,6 +63,8 @@ class Bus:
     def mmio_read(self, addr, size):
         if VIRTIO_BASE <= addr < VIRTIO_BASE + VIRTIO_SIZE:
             return self.console.mmio_read(addr - VIRTIO_BASE, size)
+        if NET_BASE <= addr < NET_BASE + NET_SIZE and self.net is not None:
+            return self.net.mmio_read(addr - NET_BASE, size)
         if PLATFORM_BASE <= addr < PLATFORM_BASE + PLATFORM_SIZE:
             return self.platform.mmio_read(addr - PLATFORM_BASE, size)
         return 0
@@ -68,6 +72,10 @@ class Bus:
     def mmio_write(self, addr, size, value):
         if VIRTIO_BASE <= addr < VIRTIO_BASE + VIRTIO_SIZE:
             self.console.mmio_write(addr - VIRTIO_BASE, size, value)
+            if addr - VIRTIO_BASE == 0x050 and self.net is not None:
+                self.net.deliver_rx()     # receive buffers are filled at any notify
+        elif NET_BASE <= addr < NET_BASE + NET_SIZE and self.net is not None:
+            self.net.mmio_write(addr - NET_BASE, size, value)
         elif PLATFORM_BASE <= addr < PLATFORM_BASE + PLATFORM_SIZE:
             self.platform.mmio_write(addr - PLATFORM_BASE, size, value)
 
@@ -89,7 +97,9 @@ class Machine:
         self.console_out = OutputChannel("console", lambda data: None)
         self.serial_out = OutputChannel("serial", lambda data: None)
         self.uart = Uart16550(self.serial_out)
-        self.console = VirtioConsole(self.memory.ram, self.memory.mark_dirty, self.console_out)
+        self.console = VirtioConsole(self.memory.ram, self.memory.mark_dirty, self.console_out,
+                                     dirty_log=self.memory.dirty)
+        self.nic = None
         self.platform = Platform(self.console, self._guest_exit, self._guest_panic)
         self.bus = Bus(self.uart, self.console, self.platform)
         self.runstate = "prelaunch"
@@ -116,6 +126,14 @@ class Machine:
                 raise ColocoreError("cannot switch run state from %s to %s" % (old, new))
             self.runstate = new
         return old
+
+    def attach_nic(self, mac, backend):
+        """Plug the virtio-net card (before the vCPU starts); backend: TapBackend or None."""
+        self.nic = VirtioNet(self.memory.ram, self.memory.dirty, mac=mac, backend=backend)
+        self.nic.on_event = self.platform.wake
+        self.bus.net = self.nic
+        self.platform.net = self.nic
+        return self.nic
 
     # ---- boot ------------------------------------------------------------------
 
@@ -264,15 +282,19 @@ class Machine:
 
     def _devices(self):
         """Every device with saved state, by the name its state has in DEVICES."""
-        return {"uart": self.uart, "virtio-console": self.console, "platform": self.platform,
-                "console-out": self.console_out, "serial-out": self.serial_out}
+        devices = {"uart": self.uart, "virtio-console": self.console,
+                   "platform": self.platform, "console-out": self.console_out,
+                   "serial-out": self.serial_out}
+        if self.nic is not None:
+            devices["virtio-net"] = self.nic
+        return devices
 
     def device_states(self):
         return {name: dev.save() for name, dev in self._devices().items()}
 
     def check_state(self, cpu, devices, what):
         """Check a saved vCPU and device state against this machine before any of it is
-        applied; return the devices' checked states (what `load_state` takes). Raises
+        applied; return the devices' checked states (what `load_devices` takes). Raises
         StreamError; changes nothing.
 
         The vCPU state is tried on a scratch vCPU of a scratch VM: KVM refuses some states
@@ -288,12 +310,17 @@ class Machine:
         if not isinstance(devices, dict):
             raise StreamError("%s: the device state is not an object" % what)
         known = self._devices()
+        if "virtio-net" in devices and self.nic is None:
+            raise StreamError("%s: the guest has a network card (virtio-net); start this node "
+                              "with --nic tap,ifname=NAME" % what)
         extra = set(devices) - set(known)
         if extra:
             raise StreamError("%s: state for unknown device(s) %s"
                               % (what, ", ".join(sorted(map(str, extra)))))
         checked = {}
         for name, dev in known.items():
+            if name == "virtio-net" and name not in devices:
+                continue        # a guest saved without a NIC never drove this one
             if name not in devices:
                 raise StreamError("%s: the device state lacks %r" % (what, name))
             try:
@@ -322,10 +349,12 @@ class Machine:
 
     def load_devices(self, devices):
         """Load device states returned by check_state(): this cannot fail."""
-        for dev in (self.uart, self.console, self.platform):
-            dev.reset()
+        for dev in (self.uart, self.console, self.platform, self.nic):
+            if dev is not None:
+                dev.reset()         # (a NIC the saved guest never had stays reset)
         for name, dev in self._devices().items():
-            dev.load(devices[name])
+            if name in devices:
+                dev.load(devices[name])
 
     def hold_output(self):
         """Entering COLO: guest output is held until a checkpoint that produced it is
