@@ -54,8 +54,7 @@ def run(colo, ch, checkpointer):
             ch.expect(Msg.VMSTATE_RECEIVED)
             faults.crash("after-received", checkpoint_id)
             # output commit: the secondary holds the state that produced these bytes
-            m.console_out.release(cap.marks[0])
-            m.serial_out.release(cap.marks[1])
+            m.release_output(cap.marks)
             ch.expect(Msg.VMSTATE_LOADED)
             faults.crash("after-loaded", checkpoint_id)
             _account(colo, checkpoint_id, cap, sent, raw, (time.perf_counter() - t0) * 1000)

@@ -279,7 +279,7 @@ class Migration:
                     # From here on guest output is held until the secondary has the state
                     # that produced it (output commit); what is pending now is in DEVICES.
                     m.hold_output()
-                marks = (m.console_out.produced, m.serial_out.produced)
+                marks = m.output_marks()
                 w.vcpu_and_devices(m.vcpu.get_state(), m.device_states())
                 w.end()
                 self.transferred = ch.bytes_sent
@@ -306,8 +306,7 @@ class Migration:
                 ch.close()
                 return None
             self.set_status("colo")
-            m.console_out.release(marks[0])
-            m.serial_out.release(marks[1])
+            m.release_output(marks)
             if was_running:
                 m.resume()
             else:

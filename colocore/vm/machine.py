@@ -356,16 +356,32 @@ class Machine:
             if name in devices:
                 dev.load(devices[name])
 
+    def _outputs(self):
+        """Every channel the guest's output leaves by (output commit covers them all).
+        The NIC's frames are not held yet (issue 13)."""
+        return [self.console_out, self.serial_out]
+
+    def output_marks(self):
+        """How much output each channel has produced so far (taken at a checkpoint's
+        pause, with the vCPU parked: exactly what the captured state produced)."""
+        return tuple(out.produced for out in self._outputs())
+
+    def release_output(self, marks):
+        """Output commit: let out what was produced up to `marks` (output_marks() of a
+        checkpoint the secondary now holds)."""
+        for out, mark in zip(self._outputs(), marks):
+            out.release(mark)
+
     def hold_output(self):
         """Entering COLO: guest output is held until a checkpoint that produced it is
         safe on the secondary (output commit)."""
-        for out in (self.console_out, self.serial_out):
+        for out in self._outputs():
             out.hold = True
 
     def release_held_output(self):
         """Leaving COLO: nothing is held any more, and what was held goes out now (it may
         repeat what the old primary already released; it must never be lost)."""
-        for out in (self.console_out, self.serial_out):
+        for out in self._outputs():
             out.hold = False
             out.release()
 
