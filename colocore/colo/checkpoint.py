@@ -69,7 +69,7 @@ class Checkpointer:
             cap.kept, cap.zero_flags = pages.gather(m.memory.ram, pfns, self.staging)
             cap.pfns = pfns
             cap.cpu = m.vcpu.get_state()
-            cap.devices = m.device_states()
+            cap.devices = m.device_states(pause=True)
             cap.marks = m.output_marks()
             cap.digest = self._digest() if self.verify else None
         finally:
@@ -108,7 +108,9 @@ class Checkpointer:
             ch.send(framed[:len(framed) // 2])
             faults.crash("mid-ram", checkpoint_id)
         w.end()
-        # The device part goes as one blob after vmstate-size, as QEMU sends it.
+        # The device part goes as one blob after vmstate-size, as QEMU sends it; what the
+        # pause only counted (the NIC's held frames) is copied now, the guest running.
+        self.machine.complete_device_states(cap.devices)
         parts = []
         dev = units.UnitWriter(parts.append)
         dev.vcpu_and_devices(cap.cpu, cap.devices)

@@ -53,7 +53,10 @@ def run(colo, ch, checkpointer):
             sent, raw = checkpointer.send(ch, cap, checkpoint_id)
             ch.expect(Msg.VMSTATE_RECEIVED)
             faults.crash("after-received", checkpoint_id)
-            # output commit: the secondary holds the state that produced these bytes
+            # Output commit: the secondary holds the state that produced these bytes and
+            # frames; it applies it even if this node dies now, before vmstate-loaded
+            # (colo/secondary.py), so releasing here cannot show a client output that a
+            # takeover would not have. The frames are written to the tap here and now.
             m.release_output(cap.marks)
             ch.expect(Msg.VMSTATE_LOADED)
             faults.crash("after-loaded", checkpoint_id)
@@ -109,11 +112,12 @@ def _account(colo, checkpoint_id, cap, sent, raw, latency_ms):
     s.last_raw = raw
     s.total_bytes += sent
     s.last_latency_ms = latency_ms
-    colo.emit("COLO_CHECKPOINT", {
-        "id": checkpoint_id, "pause-ms": round(pause_ms, 3),
-        "dirty-pages": len(cap.pfns), "bytes": sent, "raw-bytes": raw,
-        "compression-ratio": round(raw / sent, 3) if sent else 0.0,
-        "latency-ms": round(latency_ms, 3)})
+    data = {"id": checkpoint_id, "pause-ms": round(pause_ms, 3),
+            "dirty-pages": len(cap.pfns), "bytes": sent, "raw-bytes": raw,
+            "compression-ratio": round(raw / sent, 3) if sent else 0.0,
+            "latency-ms": round(latency_ms, 3)}
+    data.update(colo.network.checkpoint_figures(cap))
+    colo.emit("COLO_CHECKPOINT", data)
 
 
 def _failover(colo, ch):
