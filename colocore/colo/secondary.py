@@ -37,6 +37,9 @@ def run(colo, ch):
     colo.begin("secondary", ch)
     params = colo.settings.parameters
     try:
+        # the state the initial migration brought is the first checkpoint: the primary
+        # releases what it held at stop-and-copy on checkpoint-ready
+        _loaded(colo, 0, time.time(), None)
         ch.send_msg(Msg.CHECKPOINT_READY)
         while colo.failover.state == FailoverState.NONE:
             hb = params["x-colo-heartbeat"]
@@ -47,6 +50,7 @@ def run(colo, ch):
             elif msg == Msg.VMSTATE_SEND:
                 t0 = time.perf_counter()
                 cp = receive(ch, colo.machine)
+                received_at = time.time()       # before the primary can release anything
                 ch.send_msg(Msg.VMSTATE_RECEIVED)
                 try:
                     _load(colo, cp)
@@ -67,6 +71,7 @@ def run(colo, ch):
                 s.last_latency_ms = (time.perf_counter() - t0) * 1000
                 if cp.digest is not None:
                     _verify(colo, cp)
+                _loaded(colo, cp.info["id"], received_at, cp.devices.get("virtio-net"))
                 ch.send_msg(Msg.VMSTATE_LOADED)
             elif msg == Msg.QUIT:
                 raise PeerLost("the primary left COLO (failover on the primary)")
@@ -97,6 +102,20 @@ def _load(colo, cp):
             colo.loading = False
 
 
+def _loaded(colo, checkpoint_id, received_at, net_state):
+    """The VM holds this checkpoint now: the network side matches its input log against
+    it; COLO_CHECKPOINT_LOADED says when the checkpoint was acknowledged and which of the
+    guest's frames it covers (what a capture can check output commit against)."""
+    data = {"id": checkpoint_id, "received-at": round(received_at, 6)}
+    nic = colo.machine.nic
+    if nic is not None:
+        out = net_state["out"] if net_state is not None else {"base": nic.out.base,
+                                                              "produced": nic.out.produced}
+        data.update({"net-base": out["base"], "net-produced": out["produced"]})
+    data.update(colo.network.loaded())
+    colo.emit("COLO_CHECKPOINT_LOADED", data)
+
+
 def _verify(colo, cp):
     mem = colo.machine.memory
     mine = pages.page_hashes(mem.ram, mem.all_pages())
@@ -121,8 +140,15 @@ def takeover(colo):
         with colo.apply_lock:
             pass            # no load in flight: RAM, vCPU and devices are one checkpoint
         colo.failover.start()
-        colo.serve()        # opens the guest's chardevs, runs the guest
+        t0 = time.perf_counter()
+        # the guest is still parked: the frames the checkpoint lacks go into its tap's
+        # queue, then the tap onto the service network (net/colo_net.py)
+        colo.network.takeover()
+        t1 = time.perf_counter()
+        colo.serve()        # opens the guest's chardevs, runs the guest, announces it
         colo.machine.release_held_output()
+        log.info("COLO secondary: guest running (network %.1f ms, serve %.1f ms)",
+                 (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000)
         colo.leave()
         colo.migration_over()
         colo.exit_event(colo.reason if colo.reason != "none" else "request")

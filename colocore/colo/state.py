@@ -3,8 +3,10 @@
 The checkpoint loops run on it (colo/primary.py on the migration thread, colo/secondary.py
 on the incoming thread); operators act on it (x_colo_lost_heartbeat, query-colo-status).
 It is given only what it uses: the machine, the migration settings, `emit(event, data)`,
-`serve()` (a secondary that takes over opens its guest chardevs and runs its guest) and
-`migration_over()` (the migration that turned into COLO is finished).
+`serve()` (a secondary that takes over opens its guest chardevs and runs its guest),
+`migration_over()` (the migration that turned into COLO is finished) and `network`, the
+network side of COLO (net/colo_net.py: the primary's mirror, the secondary's input log
+and replay), which the colo package reaches only through the hooks NoNetwork lists.
 """
 import logging
 import threading
@@ -20,6 +22,35 @@ def colo_supported(machine):
     """Whether this host can do COLO (QEMU's colo_supported()): KVM with dirty logging on
     the guest's memslot, which every checkpoint harvests."""
     return machine is not None and bool(machine.vm.dirty_log)
+
+
+class NoNetwork:
+    """The network hooks of a COLO run, for a node without a NIC (and their contract):
+
+    begin(mode)             COLO starts on this node
+    end()                   this node left COLO: what COLO set up on the network goes
+    checkpoint_figures(cap) primary, after a checkpoint: figures for COLO_CHECKPOINT
+    loaded()                secondary, after loading a checkpoint: match the input log
+    takeover()              secondary failover, before the guest runs: replay, attach
+    status()                the "net" part of query-colo-status (None: no NIC)"""
+
+    def begin(self, mode):
+        pass
+
+    def end(self):
+        pass
+
+    def checkpoint_figures(self, cap):
+        return {}
+
+    def loaded(self):
+        return {}
+
+    def takeover(self):
+        return None
+
+    def status(self):
+        return None
 
 
 class ColoStats:
@@ -46,8 +77,10 @@ class ColoStats:
 
 
 class Colo:
-    def __init__(self, machine, settings, emit, serve, migration_over, verify=False):
+    def __init__(self, machine, settings, emit, serve, migration_over, verify=False,
+                 network=None):
         self.machine = machine
+        self.network = network or NoNetwork()
         self.settings = settings
         self.emit = emit
         self.serve = serve
@@ -78,7 +111,8 @@ class Colo:
         return {"mode": self.mode, "last-mode": self.last_mode, "reason": self.reason,
                 "failover-state": self.failover.state.value, "peer": self.peer_state,
                 "peer-error": self.peer_error, "checkpoints": s.checkpoints,
-                "verified": s.verified, "verify-mismatches": s.verify_mismatches}
+                "verified": s.verified, "verify-mismatches": s.verify_mismatches,
+                "net": self.network.status()}
 
     def exit_event(self, reason):
         if not self.exit_sent:
@@ -102,12 +136,14 @@ class Colo:
         self.mode = mode
         self.peer_state = "connected"
         self.unusable = None
+        self.network.begin(mode)
 
     def leave(self):
         """This node is out of COLO (failover done, or stopped by a takeover)."""
         self.last_mode, self.mode = self.mode, "none"
         if self.peer_state == "connected":
             self.peer_state = "none"          # we closed the channel ourselves
+        self.network.end()
 
     def run_primary(self, ch, checkpointer):
         """The checkpoint loop, on the migration thread; returns when COLO ended."""

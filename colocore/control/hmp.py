@@ -82,7 +82,35 @@ def format_colo(st):
     if st["verified"] or st["verify-mismatches"]:
         lines.append("verified checkpoints: %d, mismatches: %d"
                      % (st["verified"], st["verify-mismatches"]))
+    lines += format_colo_net(st.get("net"))
     return "\n".join(lines)
+
+
+def format_colo_net(n):
+    """The network lines of `info colo` (query-colo-status "net")."""
+    if not n:
+        return []
+    where = "tap %s%s" % (n["tap"], " (service bridge %s)" % n["bridge"] if n["bridge"] else "")
+    mirrored = "" if n.get("mirrored") is None else ", mirrored %d" % n["mirrored"]
+    lines = ["network: %s, mirror link %s" % (where, n["mirror"] or "none"),
+             "network frames: held %d, held in checkpoints %d, released %d%s"
+             % (n["held"], n["held-total"], n["released-total"], mirrored)]
+    lg = n.get("log")
+    if lg:
+        lines.append("mirror log: logged %d, in log %d frames %d bytes, evicted %d, socket "
+                     "drops %d; checkpoints matched %d, not matched %d; replay %s (%s)"
+                     % (lg["logged"], lg["log-frames"], lg["log-bytes"], lg["log-evicted"],
+                        lg["socket-dropped"], lg["matched"], lg["unmatched"],
+                        "ready" if lg["replayable"] else "off", lg["note"]))
+    t = n.get("takeover")
+    if t:
+        line = "takeover: replayed %d frames into tap %s" % (t["replayed"], t["tap"])
+        if t["replay-skipped"]:
+            line += ", not replayed: %s" % t["replay-skipped"]
+        if t["error"]:
+            line += "; network error: %s" % t["error"]
+        lines.append(line)
+    return lines
 
 
 def format_network(n):

@@ -46,11 +46,14 @@ TRANSITIONS = {
 
 
 class Migration:
-    def __init__(self, machine, settings, emit, on_colo):
+    def __init__(self, machine, settings, emit, on_colo, prepare_colo=None):
         self.machine = machine
         self.settings = settings
         self.emit = emit
         self.on_colo = on_colo
+        # prepare_colo(): called before an x-colo migration sends anything (the network
+        # mirror is set up then); returns what undoes it if COLO is not reached
+        self.prepare_colo = prepare_colo or (lambda: (lambda: None))
         self.status = "none"
         self.error = None
         self._lock = threading.Lock()
@@ -228,7 +231,13 @@ class Migration:
         colo = caps.get("x-colo", False)
         compress = caps.get("compress", False)
         limit = params["max-bandwidth"]
-        ch = Channel.connect(uri)
+        undo = self.prepare_colo() if colo else None
+        try:
+            ch = Channel.connect(uri)
+        except BaseException:
+            if undo is not None:
+                undo()
+            raise
         self.channel = ch
         t_setup = time.monotonic()
         self.setup_ms = (t_setup - self.start_time) * 1000
@@ -314,6 +323,8 @@ class Migration:
         except BaseException:
             ch.close()
             self.channel = None
+            if undo is not None:
+                undo()
             raise
         self.channel = None
         return ch
