@@ -337,13 +337,12 @@ class PipelineWriter:
     an EOF, a timeout, an error reply or a new socket stops it with `error` set: nothing
     here reconnects, so a reconnect can never hide."""
 
-    def __init__(self, lab, host, batch=16, prefix="k", timeout=30.0):
+    def __init__(self, lab, host, batch=16, prefix="k", timeout=30.0, interval=0.01):
         import threading
         redis = need_redis_py()
         self.redis = redis
         self.conn = redis.Connection(host=GUEST_IP, port=PORT, socket_timeout=timeout,
-                                     socket_connect_timeout=10, lib_name=None,
-                                     lib_version=None, health_check_interval=0,
+                                     socket_connect_timeout=10, health_check_interval=0,
                                      retry_on_error=[])
         with lab.enter(host):
             self.conn.connect()
@@ -351,6 +350,8 @@ class PipelineWriter:
         self.local = self.sock.getsockname()
         self.batch = batch
         self.prefix = prefix
+        self.interval = interval        # at least this long between batches: the guest's table
+                                        # must not fill up during a long test
         self.acked = 0                  # keys prefix0 .. prefix{acked-1} are acknowledged
         self.reply_times = []           # (time.monotonic(), acked after the batch)
         self.error = None
@@ -379,12 +380,16 @@ class PipelineWriter:
                 self._run.wait(0.1)
                 continue
             self._idle.clear()
+            t0 = time.monotonic()
             try:
                 self._one_batch()
             except Exception as exc:  # noqa: BLE001 - reported to the test
                 self.error = "%s: %s" % (type(exc).__name__, exc)
                 self._idle.set()
                 return
+            left = self.interval - (time.monotonic() - t0)
+            if left > 0:
+                time.sleep(left)
 
     def _one_batch(self):
         first = self.acked
@@ -452,3 +457,81 @@ class PipelineWriter:
         if self._thread.is_alive():
             self._thread.join(5)
         self.conn.disconnect()
+
+
+class Capture:
+    """An AF_PACKET capture on an interface of a test host (promiscuous: a bridge passes
+    every frame it forwards up to it), in a thread, with the kernel's receive timestamp
+    (CLOCK_REALTIME) of each frame: keeps (time, frame) for which match(frame) holds."""
+
+    SO_TIMESTAMPNS = 35
+
+    def __init__(self, lab, host, ifname, match):
+        import threading
+        with lab.enter(host):
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+            self.sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)        # SO_RCVBUFFORCE
+            self.sock.bind((ifname, 0))
+            index = socket.if_nametoindex(ifname)
+        self.sock.setsockopt(263, 1, struct.pack("iHH8s", index, 1, 0, b""))  # promisc
+        self.sock.setsockopt(socket.SOL_SOCKET, self.SO_TIMESTAMPNS, 1)
+        self.sock.settimeout(0.1)
+        self.match = match
+        self.frames = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="capture")
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop:
+            try:
+                data, anc, _, addr = self.sock.recvmsg(65536, 64)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if addr[2] == socket.PACKET_OUTGOING or not self.match(data):
+                continue
+            stamp = time.time()
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == self.SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack("qq", cdata[:16])
+                    stamp = sec + nsec / 1e9
+            self.frames.append((stamp, data))
+
+    def stop(self):
+        if not self._stop:
+            self._stop = True
+            self._thread.join(5)
+            self.sock.close()
+        return self.frames
+
+
+def link_stats(lab, host, ifname):
+    """The kernel's counters of an interface in a test host (IFLA_STATS64)."""
+    from pyroute2 import NetNS
+    with NetNS(host.ns) as n:
+        link = n.get_links(n.link_lookup(ifname=ifname)[0])[0]
+        return dict(link.get_attr("IFLA_STATS64"))
+
+
+def link_master(lab, host, ifname):
+    from pyroute2 import NetNS
+    with NetNS(host.ns) as n:
+        found = n.link_lookup(ifname=ifname)
+        if not found:
+            return "gone"
+        master = n.get_links(found[0])[0].get_attr("IFLA_MASTER")
+        if not master:
+            return None
+        return n.get_links(master)[0].get_attr("IFLA_IFNAME")
+
+
+def tc_kinds(lab, host, ifname):
+    """The qdisc kinds on an interface of a test host ([] when it is gone)."""
+    from pyroute2 import NetNS
+    with NetNS(host.ns) as n:
+        found = n.link_lookup(ifname=ifname)
+        if not found:
+            return []
+        return sorted(q.get_attr("TCA_KIND") for q in n.get_qdiscs(index=found[0]))
