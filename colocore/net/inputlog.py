@@ -107,8 +107,11 @@ class MirrorLog:
         with self.lock:
             if self.target is not None and consumed < self.target[0]:
                 self.anchor = None          # a state older than the last: start afresh
+            # the frames the previous checkpoint waited for did not come before this one:
+            # the mirror, far faster than a checkpoint, lost them
+            give_up = self.pending
             self.target = (consumed, last_hash)
-            self._match()
+            self._match(give_up)
             return self.replayable
 
     def _set(self, anchor, consumed, h, good, note):
@@ -125,7 +128,7 @@ class MirrorLog:
                         "later checkpoint matches it (TCP retransmission covers what is "
                         "missing)", note)
 
-    def _match(self):
+    def _match(self, give_up=False):
         consumed, h = self.target
         lg = self.log
         newest = lg.next - 1
@@ -147,14 +150,14 @@ class MirrorLog:
             self.matched += self.replayable
             self._check_tail()
             return
-        if expected > newest:
+        if expected > newest and not give_up:
             if not self.pending:
                 self.pending = True
                 self.replayable = False
                 self.note = "waiting for %d mirrored frames the checkpoint consumed" % (
                     expected - newest)
             return
-        if lg.first <= expected and lg.hash_at(expected) == h:
+        if lg.first <= expected <= newest and lg.hash_at(expected) == h:
             self._set(expected, consumed, h, True, "matched")
             self._check_tail()
             return
@@ -170,7 +173,7 @@ class MirrorLog:
             self._set(min(expected, newest), consumed, h, False,
                       "a checkpoint's last consumed frame is not in the log (%s)" % (
                           "evicted: the log overflowed" if expected < lg.first
-                          else "lost on the mirror link"))
+                          else "lost on the mirror link, or it never came"))
         self._check_tail()
 
     def _check_tail(self):

@@ -285,9 +285,11 @@ def icmp_ping(lab, host, dst, count=3, size=56, timeout=2.0):
 #   channel) and by a mirror link with no addresses (mp - ms), as two real hosts would be.
 
 class ColoHosts:
-    """Hosts p and s, each able to run either role (they swap at every failover)."""
+    """Hosts p and s, each able to run either role (they swap at every failover).
+    relay=True: the mirror link goes through a host r in between (p - r - s), where a
+    test can relay it with faults (MirrorRelay)."""
 
-    def __init__(self, lab):
+    def __init__(self, lab, relay=False):
         self.lab = lab
         self.p = lab.host("p", "10.77.0.1")
         self.s = lab.host("s", "10.77.0.2")
@@ -297,7 +299,12 @@ class ColoHosts:
         lab.wire(self.p, self.s, a_bridge="brp", b_bridge="brs")      # the LAN
         lab.wire(self.c, self.s, b_bridge="brs")
         lab.link(self.p, self.s)                                      # replication
-        mp, ms = lab.plain_link(self.p, self.s)                       # the mirror
+        if relay:
+            self.r = lab.host("r", "10.99.0.1")
+            mp, self.r_in = lab.plain_link(self.p, self.r)
+            self.r_out, ms = lab.plain_link(self.r, self.s)
+        else:
+            mp, ms = lab.plain_link(self.p, self.s)                   # the mirror
         self.info = {"p": dict(host=self.p, tap="tapp", bridge="brp", mirror=mp),
                      "s": dict(host=self.s, tap="taps", bridge="brs", mirror=ms)}
 
@@ -325,9 +332,82 @@ class ColoHosts:
 
 
 @contextlib.contextmanager
-def colo_hosts(prefix="ccc"):
+def colo_hosts(prefix="ccc", relay=False):
     with Lab(prefix) as lab:
-        yield ColoHosts(lab)
+        yield ColoHosts(lab, relay)
+
+
+class MirrorRelay:
+    """A faulty mirror link: in host r, frames from p's end are passed on to s's end by an
+    AF_PACKET relay in a thread. fault: "drop" loses every second frame; "reorder" sends
+    every frame only after the next one (each pair swapped)."""
+
+    def __init__(self, ch, fault):
+        import threading
+        from pyroute2 import NetNS
+        self.fault = fault
+        with NetNS(ch.r.ns) as n:
+            for ifname in (ch.r_in, ch.r_out):
+                n.link("set", index=n.link_lookup(ifname=ifname)[0], state="down")
+        with ch.lab.enter(ch.r):
+            for ifname in (ch.r_in, ch.r_out):    # r says nothing of its own on the link
+                with open("/proc/sys/net/ipv6/conf/%s/disable_ipv6" % ifname, "w") as f:
+                    f.write("1")
+            self.rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+            self.rx.bind((ch.r_in, 0))
+            index = socket.if_nametoindex(ch.r_in)
+            self.tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            self.tx.bind((ch.r_out, 0))
+        self.rx.setsockopt(263, 1, struct.pack("iHH8s", index, 1, 0, b""))
+        with NetNS(ch.r.ns) as n:
+            for ifname in (ch.r_in, ch.r_out):
+                n.link("set", index=n.link_lookup(ifname=ifname)[0], state="up")
+        self.rx.settimeout(0.1)
+        self.passed = self.dropped = 0
+        self.errors = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="relay")
+        self._thread.start()
+
+    def _run(self):
+        held = None
+        n = 0
+        while not self._stop:
+            try:
+                data, addr = self.rx.recvfrom(65536)
+            except socket.timeout:
+                continue
+            except OSError as exc:
+                if self._stop:
+                    return
+                self.errors.append(exc)
+                continue
+            if addr[2] == socket.PACKET_OUTGOING:
+                continue
+            n += 1
+            if self.fault == "drop" and n % 2 == 0:
+                self.dropped += 1
+                continue
+            if self.fault == "reorder":
+                if held is None:
+                    held = data
+                    continue
+                self._send(data)                  # the later frame first
+                data, held = held, None
+            self._send(data)
+
+    def _send(self, frame):
+        try:
+            self.tx.send(frame)
+            self.passed += 1
+        except OSError as exc:
+            self.errors.append(exc)
+
+    def close(self):
+        self._stop = True
+        self._thread.join(5)
+        self.rx.close()
+        self.tx.close()
 
 
 class PipelineWriter:

@@ -142,6 +142,15 @@ def test_a_checkpoint_ahead_of_the_mirror_waits_for_its_frames():
     m.checkpoint(5, h(5))
     frames, why = m.replay(10)
     assert frames == [] and "never arrived" in why
+    # still missing when the next checkpoint comes: lost, and the log moves on
+    m = MirrorLog(max_frames=64, max_bytes=1 << 17)
+    for i in (0, 1, 3):                          # frame 2 lost, ...
+        m.append(frame(i))
+    assert m.checkpoint(0, h(0))
+    assert not m.checkpoint(3, h(3)) and m.pending
+    m.append(frame(5))                           # ... and frame 4
+    assert not m.checkpoint(5, h(5)) and not m.pending and m.unmatched == 1
+    assert "missing" in m.note
 
 
 def test_an_overflowing_log_stops_the_replay_until_a_checkpoint_matches_past_it():
