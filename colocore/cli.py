@@ -21,9 +21,13 @@ def _run_parser(sub):
     p.add_argument("--incoming", help="file:PATH (restore a saved guest) or tcp:HOST:PORT "
                    "(wait for a live migration / become a COLO secondary)")
     p.add_argument("--name", help="the node's name (logs, events)")
-    p.add_argument("--nic", metavar="tap,ifname=NAME[,mac=MAC][,br=BRIDGE]",
+    p.add_argument("--nic", metavar="tap,ifname=NAME[,mac=MAC][,br=BRIDGE][,mirror=LINK]",
                    help="a virtio-net card on tap NAME (created if missing, attached to BRIDGE, "
-                        "brought up; removed at exit if this node created it)")
+                        "brought up; removed at exit if this node created it). mirror=LINK: "
+                        "the COLO mirror link toward the other host (a primary mirrors the "
+                        "frames toward its guest there; a secondary logs them and replays "
+                        "them at a takeover; an --incoming node joins BRIDGE only when it "
+                        "serves)")
     p.add_argument("--colo-verify", action="store_true",
                    help="debug: compare page hashes of secondary and primary at every checkpoint")
     p.add_argument("--stats-file", metavar="PATH",
@@ -78,6 +82,9 @@ def main(argv=None):
     b.add_argument("what", choices=BENCHMARKS)
     b.add_argument("--json", action="store_true")
     b.add_argument("--trials", type=int, default=20, help="failover: number of trials")
+    b.add_argument("--net", action="store_true",
+                   help="failover: the networked guest, timed as a TCP client sees it "
+                        "(with and without the replay of mirrored frames)")
     b.add_argument("--capabilities", default="compress", metavar="CAP,...",
                    help="checkpoint: migration capabilities of the primary (default compress)")
     b.add_argument("--no-harvest", action="store_true",
