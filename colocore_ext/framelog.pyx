@@ -254,6 +254,18 @@ cdef class FrameLog:
             seq += 1
         return best
 
+    def chain(self, uint64_t lo, uint64_t hi, uint64_t start):
+        """The chained hash (colocore_ext.virtq.chain_hash) of frames lo..hi inclusive,
+        folded onto `start`; None unless all of them are in the log."""
+        cdef uint64_t seq, c = start
+        if hi < lo:
+            return start
+        if lo < self.first or hi >= self.first + self.count:
+            return None
+        for seq in range(lo, hi + 1):
+            c = (c ^ self.hashes[self._idx(seq)]) * 1099511628211ULL
+        return c
+
     def drop_through(self, int64_t seq):
         """Forget every frame up to and including sequence number seq."""
         while self.count and <int64_t>self.first <= seq:

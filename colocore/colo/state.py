@@ -106,13 +106,17 @@ class Colo:
     # ---- reporting -----------------------------------------------------------------
 
     def status(self):
-        """query-colo-status: QEMU's fields, then colocore's (peer, checkpoints, verify)."""
+        """query-colo-status: QEMU's fields, then colocore's (peer, checkpoints, verify, and
+        the network side on a node with a NIC)."""
         s = self.stats
-        return {"mode": self.mode, "last-mode": self.last_mode, "reason": self.reason,
-                "failover-state": self.failover.state.value, "peer": self.peer_state,
-                "peer-error": self.peer_error, "checkpoints": s.checkpoints,
-                "verified": s.verified, "verify-mismatches": s.verify_mismatches,
-                "net": self.network.status()}
+        st = {"mode": self.mode, "last-mode": self.last_mode, "reason": self.reason,
+              "failover-state": self.failover.state.value, "peer": self.peer_state,
+              "peer-error": self.peer_error, "checkpoints": s.checkpoints,
+              "verified": s.verified, "verify-mismatches": s.verify_mismatches}
+        net = self.network.status()
+        if net is not None:             # QMP leaves an absent optional member out
+            st["net"] = net
+        return st
 
     def exit_event(self, reason):
         if not self.exit_sent:

@@ -174,7 +174,8 @@ class ColoNet:
             return {}
         if self.reader is not None:
             self.reader.drain()
-        replayable = self.mlog.checkpoint(nic.path.rx_consumed, nic.path.rx_last_hash)
+        path = nic.path
+        replayable = self.mlog.checkpoint(path.rx_consumed, path.rx_last_hash, path.rx_chain)
         st = self.mlog.status()
         return {"net-logged": st["logged"], "net-log-frames": st["log-frames"],
                 "net-replayable": replayable}
@@ -258,9 +259,12 @@ class ColoNet:
     # ---- reporting ------------------------------------------------------------------------
 
     def _mirrored(self):
+        """The mirred action's counter, read at most once a second (a netlink dump costs a
+        few milliseconds of the control loop)."""
         stamp, value = self._mirrored_cache
-        if self.mirror is not None and time.monotonic() - stamp > MIRRORED_CACHE_S:
-            value = self.mirror.packets()
+        mirror = self.mirror            # the COLO thread may remove it meanwhile
+        if mirror is not None and time.monotonic() - stamp > MIRRORED_CACHE_S:
+            value = mirror.packets()
             self._mirrored_cache = (time.monotonic(), value)
         return value
 

@@ -9,13 +9,17 @@ those frames are gone; the client's TCP sends them again only after its retransm
 timer (200 ms at least, often more). The secondary holds a copy of each.
 
 Matching. The primary's virtio-net state in a checkpoint says how many frames its guest
-consumed (`rx_consumed`, C) and the FNV-1a 64 hash of the last one (`rx_last_hash`, H).
-The mirror numbers frames in arrival order (sequence numbers of colocore_ext.framelog).
-Once a checkpoint was matched at sequence number `anchor` with count C0, the next one is
-expected at anchor + (C - C0), and its hash must be H there. Then everything up to it is
-dropped from the log and what follows is exactly what the guest has not consumed:
-replayable. Anything else is detected and makes the log not replayable until a later
-checkpoint matches by count and hash again:
+consumed (`rx_consumed`, C), the FNV-1a 64 hash of the last one (`rx_last_hash`, H) and
+a hash chained over all of them in order (`rx_chain`). The mirror numbers frames in
+arrival order (sequence numbers of colocore_ext.framelog). Once a checkpoint was matched
+at sequence number `anchor` with count C0 and chain X0, the next one is expected at
+anchor + (C - C0), and the frames anchor+1 .. expected folded onto X0 must give its
+chain: exactly those frames, in that order. Then everything up to it is dropped from the
+log and what follows is exactly what the guest has not consumed: replayable. Anything
+else is detected (H then says where the checkpoint really is) and makes the log not
+replayable until a later checkpoint matches again:
+- the chain differs at the expected place: frames reordered (or lost and others come
+  in their place);
 - H found earlier than expected: mirror frames were lost (the link dropped them, or the
   socket's buffer overflowed: `FrameLog.socket_drops`), or reordered;
 - H found later than expected: the log holds frames the guest never consumed (the
@@ -66,9 +70,10 @@ class MirrorLog:
         self.log = FrameLog(max_frames, max_bytes)
         self.lock = threading.Lock()
         self.anchor = None          # sequence number of the last frame the matched
-        self.anchor_consumed = 0    # checkpoint's guest consumed (-1: none in the log),
-        self.anchor_hash = None     # its rx_consumed and rx_last_hash
-        self.target = None          # (consumed, hash) of the newest checkpoint loaded
+        self.anchor_consumed = 0    # checkpoint's guest consumed (first - 1: none in the
+        self.anchor_hash = None     # log), and its rx_consumed, rx_last_hash and rx_chain
+        self.anchor_chain = None
+        self.target = None          # (consumed, hash, chain) of the newest checkpoint
         self.replayable = False
         self.note = "no checkpoint yet"
         self.gap_through = -1       # frames may be missing up to this sequence number
@@ -101,21 +106,24 @@ class MirrorLog:
 
     # ---- matching (the COLO secondary's loop) ------------------------------------------
 
-    def checkpoint(self, consumed, last_hash):
+    def checkpoint(self, consumed, last_hash, chain):
         """A checkpoint was loaded: its guest had consumed `consumed` frames, the last of
-        them with hash `last_hash`. Returns whether the log is replayable now."""
+        them with hash `last_hash`, all of them with chained hash `chain`. Returns whether
+        the log is replayable now."""
         with self.lock:
             if self.target is not None and consumed < self.target[0]:
                 self.anchor = None          # a state older than the last: start afresh
             # the frames the previous checkpoint waited for did not come before this one:
             # the mirror, far faster than a checkpoint, lost them
             give_up = self.pending
-            self.target = (consumed, last_hash)
+            self.target = (consumed, last_hash, chain)
             self._match(give_up)
             return self.replayable
 
-    def _set(self, anchor, consumed, h, good, note):
-        self.anchor, self.anchor_consumed, self.anchor_hash = anchor, consumed, h
+    def _set(self, anchor, good, note):
+        consumed, h, chain = self.target
+        self.anchor, self.anchor_consumed = anchor, consumed
+        self.anchor_hash, self.anchor_chain = h, chain
         self.log.drop_through(anchor)
         self.pending = False
         self.replayable = good
@@ -129,21 +137,20 @@ class MirrorLog:
                         "missing)", note)
 
     def _match(self, give_up=False):
-        consumed, h = self.target
+        consumed, h, chain = self.target
         lg = self.log
         newest = lg.next - 1
         if self.anchor is None:
             q = lg.find(h, lg.first, lg.next, max(newest, 0))
             if q >= 0:
-                self._set(q, consumed, h, True, "matched the first checkpoint by its hash")
+                self._set(q, True, "matched the first checkpoint by its hash")
             else:
-                self._set(lg.first - 1, consumed, h, True,
-                          "the first checkpoint consumed no mirrored frame")
+                self._set(lg.first - 1, True, "the first checkpoint consumed no mirrored frame")
             self._check_tail()
             return
         delta = consumed - self.anchor_consumed
         expected = self.anchor + delta
-        if delta == 0 and h == self.anchor_hash:
+        if delta == 0 and chain == self.anchor_chain:
             # nothing consumed since: no new evidence either way
             self.replayable = self.replayable and not self.pending
             self.pending = False
@@ -157,20 +164,32 @@ class MirrorLog:
                 self.note = "waiting for %d mirrored frames the checkpoint consumed" % (
                     expected - newest)
             return
-        if lg.first <= expected <= newest and lg.hash_at(expected) == h:
-            self._set(expected, consumed, h, True, "matched")
-            self._check_tail()
-            return
+        if expected <= newest:
+            folded = lg.chain(self.anchor + 1, expected, self.anchor_chain)
+            if folded == chain:
+                self._set(expected, True, "matched")
+                self._check_tail()
+                return
+            if folded is None and lg.first <= expected and lg.hash_at(expected) == h:
+                # frames consumed since the last match were evicted (a flood): count and
+                # last hash still place the checkpoint; the frames after it are whole
+                self._set(expected, True, "matched by count and hash (the log overflowed "
+                                          "before it)")
+                self._check_tail()
+                return
         q = lg.find(h, self.anchor + 1, lg.next, expected)
-        if q >= 0:
-            why = ("%d mirrored frames missing before it (lost on the mirror link or "
-                   "reordered)" % (expected - q) if q < expected else
+        if q >= 0 and q != expected:
+            why = ("%d mirrored frames missing before it (lost on the mirror link)"
+                   % (expected - q) if q < expected else
                    "%d mirrored frames before it that its guest never consumed (dropped at "
-                   "the primary's tap, or reordered on the mirror link)" % (q - expected))
-            self._set(q, consumed, h, False, "a checkpoint's last consumed frame is mirror "
-                      "frame %d, not %d: %s" % (q, expected, why))
+                   "the primary's tap)" % (q - expected))
+            self._set(q, False, "a checkpoint's last consumed frame is mirror frame %d, not "
+                      "%d: %s, or frames reordered" % (q, expected, why))
+        elif q == expected:
+            self._set(q, False, "the frames a checkpoint consumed are in the log in another "
+                      "order (reordered on the mirror link) or with others among them")
         else:
-            self._set(min(expected, newest), consumed, h, False,
+            self._set(min(expected, newest), False,
                       "a checkpoint's last consumed frame is not in the log (%s)" % (
                           "evicted: the log overflowed" if expected < lg.first
                           else "lost on the mirror link, or it never came"))

@@ -73,6 +73,51 @@ def test_frame_log_fill_reads_a_socket_without_python_per_frame():
 
 # ---- MirrorLog: matching checkpoints ----------------------------------------------------
 
+class Guest:
+    """What a guest's virtio-net says of its input: frames consumed, the last one's hash,
+    all of them chained (colocore_ext.virtq.NetPath does the same in C)."""
+
+    def __init__(self, consumed=1000):
+        self.consumed = consumed
+        self.last = 0x1234
+        self.chain = 0x5678                 # the frames before the log began
+
+    def take(self, *frames):
+        for i in frames:
+            self.consumed += 1
+            self.last = h(i)
+            self.chain = virtq.chain_hash(self.chain, h(i))
+        return self
+
+    def state(self):
+        return self.consumed, self.last, self.chain
+
+
+def test_the_chained_hash_is_what_the_frame_path_computes():
+    ram = bytearray(1 << 20)
+    from colocore.tools.bench.net import RingDriver
+    rx, tx = RingDriver(ram, 0, num=16), RingDriver(ram, 0x8000, num=16)
+    path = virtq.NetPath(virtq.GuestRam(memoryview(ram)), rx.q, tx.q, virtq.FrameQueue())
+    host, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tap.setblocking(False)
+    try:
+        for k in range(5):
+            rx.post([(0x20000 + 2048 * k, 2048, True)])
+            host.send(frame(k))
+        assert path.rx_fill(tap.fileno()) == 5
+    finally:
+        host.close()
+        tap.close()
+    chain = virtq.FNV_OFFSET
+    for k in range(5):
+        chain = virtq.chain_hash(chain, h(k))
+    assert path.rx_chain == chain and path.rx_last_hash == h(4)
+    lg = FrameLog()
+    for k in range(5):
+        lg.append(frame(k))
+    assert lg.chain(0, 4, virtq.FNV_OFFSET) == chain and lg.chain(3, 9, 0) is None
+
+
 def mlog_with(n, start=0):
     m = MirrorLog(max_frames=64, max_bytes=1 << 17)
     for i in range(start, start + n):
@@ -81,88 +126,95 @@ def mlog_with(n, start=0):
 
 
 def test_matched_checkpoints_leave_exactly_the_unconsumed_frames():
-    m = mlog_with(10)
-    assert m.checkpoint(1003, h(3))             # the first: matched by hash
+    m, g = mlog_with(10), Guest()
+    assert m.checkpoint(*g.take(0, 1, 2, 3).state())     # the first: matched by hash
     assert m.log.first == 4
-    assert m.checkpoint(1007, h(7))             # by count and hash
+    assert m.checkpoint(*g.take(4, 5, 6, 7).state())     # by count and chain
     assert m.replay(100) == ([frame(8), frame(9)], None)
-    assert m.checkpoint(1007, h(7))             # nothing consumed since
+    assert m.checkpoint(*g.state())                      # nothing consumed since
     m.append(frame(10))
-    assert m.checkpoint(1010, h(10))
+    assert m.checkpoint(*g.take(8, 9, 10).state())
     assert m.replay(100) == ([], None)
     assert (m.matched, m.unmatched) == (4, 0)
 
 
 def test_first_checkpoint_that_consumed_nothing_mirrored():
     m = mlog_with(3)
-    assert m.checkpoint(50, 0x1234)
+    assert m.checkpoint(*Guest().state())
     assert m.replay(10) == ([frame(0), frame(1), frame(2)], None)
 
 
 def test_a_lost_mirror_frame_is_detected_and_the_log_not_replayed():
-    m = MirrorLog(max_frames=64, max_bytes=1 << 17)
+    m, g = MirrorLog(max_frames=64, max_bytes=1 << 17), Guest()
     for i in range(10):
         if i != 5:                               # the mirror link lost frame 5
             m.append(frame(i))
-    assert m.checkpoint(2, h(2))
-    assert not m.checkpoint(8, h(8))
+    assert m.checkpoint(*g.take(0, 1, 2).state())
+    assert not m.checkpoint(*g.take(3, 4, 5, 6, 7, 8).state())
     frames, why = m.replay(100)
     assert frames == [] and "missing" in why
-    # a later checkpoint that agrees by count and hash makes it replayable again
+    # a later checkpoint that agrees by count and chain makes it replayable again
     for i in range(10, 14):
         m.append(frame(i))
-    assert m.checkpoint(11, h(11))
+    assert m.checkpoint(*g.take(9, 10, 11).state())
     assert m.replay(100) == ([frame(12), frame(13)], None)
 
 
 def test_reordered_or_unconsumed_frames_are_detected():
-    m = MirrorLog(max_frames=64, max_bytes=1 << 17)
+    m, g = MirrorLog(max_frames=64, max_bytes=1 << 17), Guest()
     for i in (0, 1, 3, 2, 4, 5):                 # frames 2 and 3 swapped on the mirror
         m.append(frame(i))
-    assert m.checkpoint(1, h(1))
-    assert not m.checkpoint(2, h(2))             # mirror frame 3 is frame 2
+    assert m.checkpoint(*g.take(0, 1).state())
+    assert not m.checkpoint(*g.take(2, 3).state())       # the right count, the wrong order
     assert "reordered" in m.replay(10)[1]
-    m = mlog_with(6)
-    assert m.checkpoint(0, h(0))
-    assert not m.checkpoint(2, h(4))             # frames 2, 3 never reached the guest
+    m, g = MirrorLog(max_frames=64, max_bytes=1 << 17), Guest()
+    for i in (0, 2, 1, 3, 5, 4, 6):              # pairs swapped: no checkpoint agrees
+        m.append(frame(i))
+    assert m.checkpoint(*g.take(0).state())
+    assert not m.checkpoint(*g.take(1).state())
+    assert not m.checkpoint(*g.take(2, 3).state())
+    assert not m.checkpoint(*g.take(4).state())
+    m, g = mlog_with(6), Guest()
+    assert m.checkpoint(*g.take(0).state())
+    assert not m.checkpoint(*g.take(1, 4).state())       # frames 2, 3 never reached it
     assert "never consumed" in m.note
 
 
 def test_a_checkpoint_ahead_of_the_mirror_waits_for_its_frames():
-    m = mlog_with(4)
-    assert m.checkpoint(0, h(0))
-    assert not m.checkpoint(5, h(5))             # frames 4, 5 still on their way
+    m, g = mlog_with(4), Guest()
+    assert m.checkpoint(*g.take(0).state())
+    assert not m.checkpoint(*g.take(1, 2, 3, 4, 5).state())   # 4, 5 on their way
     assert m.pending and "waiting" in m.note
     m.append(frame(4))
     m.append(frame(5))
     m.append(frame(6))
     assert m.replay(10) == ([frame(6)], None)    # matched when they came
-    m = mlog_with(4)
-    m.checkpoint(0, h(0))
-    m.checkpoint(5, h(5))
+    m, g = mlog_with(4), Guest()
+    m.checkpoint(*g.take(0).state())
+    m.checkpoint(*g.take(1, 2, 3, 4, 5).state())
     frames, why = m.replay(10)
     assert frames == [] and "never arrived" in why
     # still missing when the next checkpoint comes: lost, and the log moves on
-    m = MirrorLog(max_frames=64, max_bytes=1 << 17)
+    m, g = MirrorLog(max_frames=64, max_bytes=1 << 17), Guest()
     for i in (0, 1, 3):                          # frame 2 lost, ...
         m.append(frame(i))
-    assert m.checkpoint(0, h(0))
-    assert not m.checkpoint(3, h(3)) and m.pending
+    assert m.checkpoint(*g.take(0).state())
+    assert not m.checkpoint(*g.take(1, 2, 3).state()) and m.pending
     m.append(frame(5))                           # ... and frame 4
-    assert not m.checkpoint(5, h(5)) and not m.pending and m.unmatched == 1
+    assert not m.checkpoint(*g.take(4, 5).state()) and not m.pending and m.unmatched == 1
     assert "missing" in m.note
 
 
 def test_an_overflowing_log_stops_the_replay_until_a_checkpoint_matches_past_it():
-    m = MirrorLog(max_frames=8, max_bytes=1 << 17)
+    m, g = MirrorLog(max_frames=8, max_bytes=1 << 17), Guest()
     m.append(frame(0))
-    assert m.checkpoint(0, h(0))
+    assert m.checkpoint(*g.take(0).state())
     for i in range(1, 30):                       # a flood: the oldest go
         m.append(frame(i))
     assert m.log.frames == 8 and m.log.evicted > 0
     frames, why = m.replay(100)
     assert frames == [] and "overflowed" in why
-    assert m.checkpoint(25, h(25))               # consumed past the evicted ones
+    assert m.checkpoint(*g.take(*range(1, 26)).state())  # consumed past the evicted ones
     assert m.replay(100) == ([frame(i) for i in range(26, 30)], None)
 
 
