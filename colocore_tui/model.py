@@ -50,6 +50,7 @@ class CheckpointRecord:
     net_held: int = 0                # frames the guest sent in the epoch, held until it
     net_released: int = 0            # frames written to the tap since the last checkpoint
     net_rx: int = 0                  # frames the guest consumed in the epoch
+    net_mirrored: int = 0            # frames mirrored toward the secondary in the epoch
 
     @classmethod
     def from_event(cls, data, stamp):
@@ -61,7 +62,8 @@ class CheckpointRecord:
                    latency_ms=float(data.get("latency-ms", 0.0)),
                    net_held=int(data.get("net-held", 0)),
                    net_released=int(data.get("net-released", 0)),
-                   net_rx=int(data.get("net-rx", 0)))
+                   net_rx=int(data.get("net-rx", 0)),
+                   net_mirrored=int(data.get("net-mirrored", 0)))
 
 
 class CheckpointHistory:

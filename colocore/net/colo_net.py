@@ -34,7 +34,6 @@ log = logging.getLogger("colocore.net")
 # At a takeover the mirror may still deliver frames the last checkpoint consumed (they
 # left the primary's host before it died): wait this long for them at most.
 REPLAY_GRACE_S = 0.05
-MIRRORED_CACHE_S = 1.0
 
 
 def _open_iproute():
@@ -56,10 +55,10 @@ class ColoNet:
         self.takeover_result = None
         self._ipr = None
         self._inject_sock = None
-        self._last = None               # (mark, written, rx_consumed) at the last checkpoint
+        self._last = None               # (mark, written, rx_consumed, mirrored) at the
+                                        # last checkpoint
         self.held_total = 0
         self.released_total = 0
-        self._mirrored_cache = (0.0, None)
 
     # ---- a destination: from start-up ----------------------------------------------------
 
@@ -133,7 +132,8 @@ class ColoNet:
         self.mode = mode
         nic = self.machine.nic
         if mode == "primary" and nic is not None:
-            self._last = (nic.out.produced, nic.out.written, nic.path.rx_consumed)
+            self._last = (nic.out.produced, nic.out.written, nic.path.rx_consumed,
+                          self.mirror.sent() if self.mirror is not None else None)
 
     def end(self):
         """This node left COLO: what COLO set up goes."""
@@ -159,12 +159,17 @@ class ColoNet:
         mark = cap.marks[-1]
         written = nic.out.written
         rx = cap.devices["virtio-net"]["counters"]["rx_consumed"]
-        last_mark, last_written, last_rx = self._last
-        self._last = (mark, written, rx)
+        mirror = self.mirror
+        sent = mirror.sent() if mirror is not None else None
+        last_mark, last_written, last_rx, last_sent = self._last
+        self._last = (mark, written, rx, sent)
         held, released = mark - last_mark, written - last_written
         self.held_total += held
         self.released_total += released
-        return {"net-held": held, "net-released": released, "net-rx": rx - last_rx}
+        figures = {"net-held": held, "net-released": released, "net-rx": rx - last_rx}
+        if sent is not None:
+            figures["net-mirrored"] = sent - (last_sent or 0)
+        return figures
 
     def loaded(self):
         """The secondary loaded a checkpoint (its NIC holds the primary's counters now):
@@ -258,25 +263,16 @@ class ColoNet:
 
     # ---- reporting ------------------------------------------------------------------------
 
-    def _mirrored(self):
-        """The mirred action's counter, read at most once a second (a netlink dump costs a
-        few milliseconds of the control loop)."""
-        stamp, value = self._mirrored_cache
-        mirror = self.mirror            # the COLO thread may remove it meanwhile
-        if mirror is not None and time.monotonic() - stamp > MIRRORED_CACHE_S:
-            value = mirror.packets()
-            self._mirrored_cache = (time.monotonic(), value)
-        return value
-
     def status(self):
         """The network part of query-colo-status."""
         nic = self.machine.nic
         if nic is None:
             return None
+        mirror = self.mirror            # the COLO thread may remove it meanwhile
         st = {"tap": self.backend.ifname, "bridge": self.spec.bridge, "mirror": self.spec.mirror,
               "held": nic.out.pending, "held-total": self.held_total,
               "released-total": self.released_total,
-              "mirrored": self._mirrored() if self.mode == "primary" else None}
+              "mirrored": mirror.sent() if mirror is not None else None}
         if self.mlog is not None:
             st["log"] = self.mlog.status()
         if self.takeover_result is not None:

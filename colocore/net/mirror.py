@@ -116,6 +116,8 @@ class TapMirror:
         self.created_clsact = False
         self.installed = False
         self.tuning = LinkTuning(mirror)
+        self._counter = None
+        self._base = 0
 
     def install(self):
         off_loop(self._install)
@@ -147,6 +149,7 @@ class TapMirror:
                        action=[{"kind": "mirred", "direction": "egress", "action": "mirror",
                                 "ifindex": mirror}])
                 self.installed = True
+                self._open_counter()
             except NetlinkError as exc:
                 self._teardown(ipr)
                 raise NicError("mirror: cannot mirror tap %s to %s: %s%s" % (
@@ -165,30 +168,29 @@ class TapMirror:
         except NetlinkError:
             pass
 
-    def packets(self):
-        """Frames the mirred action copied so far (its own counter), or None."""
-        if not self.installed:
+    def _open_counter(self):
+        """The mirror link's transmit counter, opened once: reading it is a pread of a few
+        bytes, cheap enough for every checkpoint (a netlink dump of the tc action's own
+        counter costs ~2 ms here). The link carries nothing but mirrored frames (no address,
+        no IPv6), so what it sent is what was mirrored."""
+        try:
+            self._counter = os.open("/sys/class/net/%s/statistics/tx_packets" % self.mirror,
+                                    os.O_RDONLY | os.O_CLOEXEC)
+            self._base = self._read()
+        except OSError:
+            self._counter = None
+
+    def _read(self):
+        return int(os.pread(self._counter, 32, 0))
+
+    def sent(self):
+        """Frames mirrored since install() (None if the counter cannot be read)."""
+        if self._counter is None:
             return None
         try:
-            return off_loop(self._packets)
-        except Exception:  # noqa: BLE001 - a figure for the monitor, never fatal
+            return self._read() - self._base
+        except (OSError, ValueError):
             return None
-
-    def _packets(self):
-        from pyroute2 import IPRoute
-        with IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=self.tap)
-            if not found:
-                return None
-            for f in ipr.get_filters(index=found[0], parent=TC_H_EGRESS):
-                opts = f.get_attr("TCA_OPTIONS") if f["info"] >> 16 == FILTER_PRIO else None
-                acts = opts.get_attr("TCA_U32_ACT") if opts is not None else None
-                for _, act in (acts["attrs"] if acts is not None else ()):
-                    stats = act.get_attr("TCA_ACT_STATS")
-                    basic = stats.get_attr("TCA_STATS_BASIC") if stats is not None else None
-                    if basic is not None:
-                        return basic["packets"]
-        return None
 
     def teardown(self):
         """Remove what install() set up (also when it was half done)."""
@@ -215,6 +217,9 @@ class TapMirror:
                 self._drop_filter(ipr, found[0])
         if self.installed:
             log.info("COLO: mirror of tap %s to %s removed", self.tap, self.mirror)
+        if self._counter is not None:
+            os.close(self._counter)
+            self._counter = None
         self.installed = self.created_clsact = False
         self.tuning.restore()
 

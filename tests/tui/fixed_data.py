@@ -17,7 +17,8 @@ def checkpoint(i):
                      {"id": i, "pause-ms": round(pause, 3), "dirty-pages": dirty, "bytes": sent,
                       "compression-ratio": round(4096 * dirty / sent + 0.5, 3),
                       "latency-ms": round(pause + 1.2, 3), "net-held": 18 + (i * 5) % 11,
-                      "net-released": 18 + (i * 5 + 3) % 11, "net-rx": 20 + (i * 3) % 9},
+                      "net-released": 18 + (i * 5 + 3) % 11, "net-rx": 20 + (i * 3) % 9,
+                      "net-mirrored": 21 + (i * 3) % 9},
                      T0 + i * 0.2)
 
 
