@@ -18,8 +18,12 @@ def _run_parser(sub):
     p.add_argument("--monitor", help="chardev of the HMP monitor")
     p.add_argument("--qmp", help="chardev of the QMP (JSON) monitor, e.g. unix:PATH,server=on,wait=off")
     p.add_argument("-S", action="store_true", help="do not start the guest (cont starts it)")
-    p.add_argument("--incoming", help="file:PATH (restore a saved guest) or tcp:HOST:PORT "
-                   "(wait for a live migration / become a COLO secondary)")
+    p.add_argument("--incoming", help="file:PATH (restore a saved guest), tcp:HOST:PORT "
+                   "(wait for a live migration / become a COLO secondary) or defer "
+                   "(migrate_incoming tcp:HOST:PORT later, after tls-creds)")
+    p.add_argument("--object", action="append", metavar="TYPE,id=ID,...",
+                   help="tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off] "
+                        "or authz-simple,id=ID,identity=DN|sha256:FINGERPRINT (repeatable)")
     p.add_argument("--name", help="the node's name (logs, events)")
     p.add_argument("--colo-verify", action="store_true",
                    help="debug: compare page hashes of secondary and primary at every checkpoint")

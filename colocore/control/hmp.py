@@ -12,7 +12,7 @@ import shlex
 
 from colocore import __version__
 from colocore.errors import ColocoreError
-from colocore.migration.params import PARAMETERS, PARAMETER_ORDER
+from colocore.migration.params import PARAMETERS, PARAMETER_ORDER, TLS_PARAMETERS
 
 log = logging.getLogger("colocore.monitor")
 
@@ -57,9 +57,22 @@ def format_migrate(info):
                   "colo last bytes: %d" % colo["last-bytes"],
                   "colo last latency: %.3f ms" % colo["last-latency-ms"],
                   "colo compression ratio: %.2f" % colo["compression-ratio"]]
+    channel = info.get("x-channel")
+    if channel is not None:
+        lines.append("channel: %s" % format_channel(channel))
     if info.get("error-desc"):
         lines.append("error: %s" % info["error-desc"])
     return "\n".join(lines)
+
+
+def format_channel(channel):
+    """query-migrate's x-channel in words (the console shows the same)."""
+    if not channel.get("tls"):
+        return "plain tcp, not authenticated"
+    if not channel.get("authenticated"):
+        return "tls (%s), peer not authenticated" % channel.get("tls-version", "?")
+    return "tls (%s), peer authenticated as %s" % (channel.get("tls-version", "?"),
+                                                   channel.get("peer-identity") or "?")
 
 
 def format_capabilities(caps):
@@ -67,7 +80,8 @@ def format_capabilities(caps):
 
 
 def format_parameters(params):
-    return "\n".join("%s: %d %s" % (name, params[name], PARAMETERS[name][1])
+    return "\n".join("%s: '%s'" % (name, params[name]) if name in TLS_PARAMETERS else
+                     "%s: %d %s" % (name, params[name], PARAMETERS[name][1])
                      for name in PARAMETER_ORDER)
 
 
@@ -174,6 +188,14 @@ class Hmp:
             # With x-colo the migration never "finishes" (it turns into COLO): don't wait.
             if "-d" not in args and not ops.settings.capabilities.get("x-colo"):
                 await fut
+            return ""
+
+        @self.command("migrate_incoming", "uri",
+                      "start listening for an incoming migration (after --incoming defer)")
+        def _migrate_incoming(args):
+            if len(args) != 1:
+                raise HmpError("usage: migrate_incoming tcp:HOST:PORT")
+            ops.migrate_incoming(args[0])
             return ""
 
         @self.command("migrate_set_capability", "capability state",

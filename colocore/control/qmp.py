@@ -20,7 +20,7 @@ import time
 
 from colocore.control.commands import version_info
 from colocore.errors import ColocoreError, QmpError
-from colocore.migration.params import PARAMETERS
+from colocore.migration.params import PARAMETERS, TLS_PARAMETERS
 
 log = logging.getLogger("colocore.qmp")
 
@@ -34,7 +34,8 @@ QUEUE_MAX = 8
 # ---- argument checking in QEMU's words ----------------------------------------------
 
 _TYPES = {"str": (str, "string"), "int": (int, "integer"), "bool": (bool, "boolean"),
-          "list": (list, "array"), "dict": (dict, "object")}
+          "list": (list, "array"), "dict": (dict, "object"),
+          "strornull": ((str, type(None)), "string")}    # QEMU's StrOrNull (tls-creds)
 
 
 def _check_args(args, spec):
@@ -118,7 +119,8 @@ class QmpCommands:
             ops.migrate_set_capabilities(wanted)
             return {}
 
-        @self.command("migrate-set-parameters", **{n: ("int", False) for n in PARAMETERS})
+        @self.command("migrate-set-parameters", **{n: ("int", False) for n in PARAMETERS},
+                      **{n: ("strornull", False) for n in TLS_PARAMETERS})
         def _set_params(session, args):
             ops.migrate_set_parameters(args)
             return {}
@@ -133,6 +135,11 @@ class QmpCommands:
             fut = ops.migrate(args["uri"])
             # as QEMU: the command returns at once; MIGRATION events report the outcome
             fut.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
+            return {}
+
+        @self.command("migrate-incoming", uri=("str", True))
+        def _migrate_incoming(session, args):
+            ops.migrate_incoming(args["uri"])
             return {}
 
         @self.command("human-monitor-command", **{"command-line": ("str", True),

@@ -12,6 +12,8 @@ import struct
 import threading
 
 from colocore.errors import ColocoreError, StreamError
+from colocore.paths import parse_host_port
+from colocore.tls import PLAIN, TlsRefused
 from colocore.vmstate import format as stream
 
 U32 = struct.Struct(">I")
@@ -51,17 +53,18 @@ class PeerTookOver(PeerLost):
 
 
 def parse_tcp_uri(uri, what="migrate"):
+    """tcp:HOST:PORT -> (host, port); the address rule is paths.parse_host_port's (an
+    empty host is loopback, for listeners and connections alike)."""
     kind, sep, rest = uri.partition(":")
     if kind != "tcp" or not sep:
         raise ColocoreError("%s: unsupported URI %r; use tcp:HOST:PORT or file:PATH" % (what, uri))
-    host, sep, port = rest.rpartition(":")
     try:
-        port_no = int(port)
-    except ValueError:
+        host, port_no = parse_host_port(rest, what)
+    except ColocoreError:
         port_no = -1
-    if not sep or not 0 < port_no < 65536:
+    if not 0 < port_no < 65536:
         raise ColocoreError("%s: bad address %r; use tcp:HOST:PORT" % (what, uri))
-    return host or "127.0.0.1", port_no
+    return host, port_no
 
 
 def _tune(sock):
@@ -75,16 +78,18 @@ def _tune(sock):
 
 
 class Channel:
-    def __init__(self, sock, peer):
+    def __init__(self, sock, peer, security=PLAIN):
         self.sock = sock
         self.peer = peer
+        self.security = security            # tls.Security: who is at the other end
         self.send_lock = threading.Lock()   # the return path may be written by two threads
         self.bytes_sent = 0
         self.closed = False
         self.reader = stream.Reader(self._read_exact, "migration stream from %s" % peer)
 
     @classmethod
-    def connect(cls, uri, timeout=5.0):
+    def connect(cls, uri, timeout=5.0, secure=None):
+        """secure(sock, host) -> (sock, Security): the TLS hook (tls.client_wrap)."""
         host, port = parse_tcp_uri(uri)
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
@@ -92,8 +97,11 @@ class Channel:
             raise ColocoreError("cannot reach %s: %s; is the secondary running with "
                                 "--incoming %s?" % (uri, exc.strerror or exc, uri)) from None
         _tune(sock)
+        security = PLAIN
+        if secure is not None:
+            sock, security = secure(sock, host)
         sock.settimeout(None)
-        return cls(sock, uri)
+        return cls(sock, uri, security)
 
     # ---- sending -----------------------------------------------------------------
 
@@ -252,9 +260,12 @@ class Channel:
 class Listener:
     """--incoming tcp:HOST:PORT: listens at start-up, accepts one primary."""
 
-    def __init__(self, uri):
+    def __init__(self, uri, secure=None):
         host, port = parse_tcp_uri(uri, "--incoming")
         self.uri = uri
+        # secure(sock, peer) -> (sock, Security), or TlsRefused: the TLS hook
+        # (tls.server_wrap); a refused peer has been logged and closed, and gets nothing
+        self.secure = secure
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -267,9 +278,17 @@ class Listener:
         self.sock.listen(1)
 
     def accept(self):
-        sock, addr = self.sock.accept()
-        _tune(sock)
-        return Channel(sock, "%s:%d" % addr[:2])
+        while True:
+            sock, addr = self.sock.accept()
+            peer = "%s:%d" % addr[:2]
+            _tune(sock)
+            security = PLAIN
+            if self.secure is not None:
+                try:
+                    sock, security = self.secure(sock, peer)
+                except TlsRefused:
+                    continue
+            return Channel(sock, peer, security)
 
     def close(self):
         try:

@@ -34,7 +34,8 @@ class NodeProcess:
                 "--monitor", "unix:%s,server=on,wait=off" % self.monitor_path,
                 "--console", "unix:%s,server=on,wait=off" % self.console_path] + list(run_args)
         self.qmp_path = qmp_path(workdir, name)
-        argv += ["--qmp", "unix:%s,server=on,wait=off" % self.qmp_path]
+        if "--qmp" not in run_args:          # a caller's own --qmp (e.g. tcp with TLS) wins
+            argv += ["--qmp", "unix:%s,server=on,wait=off" % self.qmp_path]
         self.logf = open(self.log_path, "ab")
         full_env = None
         if env:
