@@ -19,6 +19,9 @@ log = logging.getLogger("colocore.monitor")
 PROMPT = "(colocore) "
 BANNER = "colocore %s monitor - type 'help' for more information\r\n" % __version__
 MAX_LINE = 64 * 1024
+# Raw input held per monitor client before its socket stops being read.
+INBOX_MAX = 2 * MAX_LINE
+TOO_LONG = object()
 
 
 class HmpError(ColocoreError):
@@ -250,41 +253,79 @@ class Hmp:
 
 
 class MonitorSession:
-    """One monitor client on a chardev: line in, output + prompt out."""
+    """One monitor client on a chardev: line in, output + prompt out.
+
+    Input is held as raw bytes and cut into lines only as commands are run, so a client
+    that sends faster than commands finish holds at most INBOX_MAX bytes (its socket is
+    not read meanwhile), never an unbounded queue of lines."""
 
     def __init__(self, hmp, chardev, client):
         self.hmp = hmp
         self.chardev = chardev
         self.client = client
-        self.buf = bytearray()
-        self.queue = asyncio.Queue()
+        self.inbox = bytearray()
+        self.skipping = False         # after an over-long line: drop up to its newline
+        self.paused = False
+        self.wake = asyncio.Event()
         self.task = asyncio.ensure_future(self._run())
 
     def greet(self):
         self.chardev.write((BANNER + PROMPT).encode(), self.client)
 
     def feed(self, data):
-        self.buf += data
+        self.inbox += data
+        t = getattr(self.client, "transport", None)
+        if t is not None and len(self.inbox) > INBOX_MAX and not self.paused:
+            self.paused = True
+            t.pause_reading()
+        self.wake.set()
+
+    def _next_line(self):
+        """The next complete line; TOO_LONG for a line over MAX_LINE; None if none yet."""
         while True:
-            i = self.buf.find(b"\n")
+            if self.skipping:
+                i = self.inbox.find(b"\n")
+                if i < 0:
+                    self.inbox.clear()
+                    return None
+                del self.inbox[:i + 1]
+                self.skipping = False
+                continue
+            i = self.inbox.find(b"\n", 0, MAX_LINE + 1)
             if i < 0:
-                if len(self.buf) > MAX_LINE:
-                    self.buf.clear()
-                    self.queue.put_nowait(None)
-                return
-            line = bytes(self.buf[:i]).decode("utf-8", "replace").rstrip("\r")
-            del self.buf[:i + 1]
-            self.queue.put_nowait(line)
+                if len(self.inbox) > MAX_LINE:
+                    self.skipping = True
+                    return TOO_LONG
+                return None
+            line = bytes(self.inbox[:i]).decode("utf-8", "replace").rstrip("\r")
+            del self.inbox[:i + 1]
+            return line
+
+    def _maybe_resume(self):
+        if self.paused and len(self.inbox) < INBOX_MAX // 2:
+            self.paused = False
+            t = getattr(self.client, "transport", None)
+            if t is not None and not t.is_closing():
+                t.resume_reading()
 
     async def _run(self):
+        burst = 0
         while True:
-            line = await self.queue.get()
+            line = self._next_line()
+            self._maybe_resume()
             if line is None:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            if line is TOO_LONG:
                 out, _ = "Error: command line too long (limit %d bytes)" % MAX_LINE, False
             else:
                 out, _ = await self.hmp.execute(line)
             text = (out + "\r\n" if out else "") + PROMPT
             self.chardev.write(text.replace("\r\n", "\n").replace("\n", "\r\n").encode(), self.client)
+            burst += 1
+            if burst % 64 == 0:
+                await asyncio.sleep(0)    # many queued lines: let the loop breathe
 
     def close(self):
         self.task.cancel()
