@@ -81,6 +81,9 @@ def main(argv=None):
     b.add_argument("--trials", type=int, default=20, help="failover: number of trials")
     b.add_argument("--capabilities", default="compress", metavar="CAP,...",
                    help="checkpoint: migration capabilities of the primary (default compress)")
+    b.add_argument("--tls", choices=("both", "on", "off"), default="both",
+                   help="checkpoint: plain and TLS pairs in the same run (both, the default), "
+                        "or only one kind")
     b.add_argument("--no-harvest", action="store_true",
                    help="pipeline: skip the dirty-log harvest (needs /dev/kvm and 4 GiB)")
     b.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # smoke tests

@@ -1,7 +1,7 @@
 """TLS on the migration/COLO channel and on the monitors, the way QEMU does it: the
 destination starts with --incoming defer, gets tls-creds (and tls-authz) and only then
 migrate_incoming; the source sets tls-creds (and tls-hostname) and migrates. Certificates
-come from a throw-away PKI made with openssl (tests/tlscerts.py)."""
+come from a throw-away PKI made with openssl (colocore/tools/pki.py)."""
 import asyncio
 import json
 import socket
@@ -11,7 +11,7 @@ import time
 import pytest
 
 from colocore.tools.procs import free_port, protect, wait_until
-from tlscerts import fingerprint, make_pki
+from colocore.tools.pki import fingerprint, make_pki
 
 
 @pytest.fixture(scope="module")

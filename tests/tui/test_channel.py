@@ -5,7 +5,7 @@ import pytest
 
 from colocore.tools.procs import free_port, protect, wait_until as node_wait
 from colocore_tui.app import create_app
-from tlscerts import make_pki
+from colocore.tools.pki import make_pki
 
 from test_console import wait_until
 

@@ -1,4 +1,5 @@
-"""A throw-away PKI for the TLS tests, made with the openssl command (EC P-256: fast).
+"""A throw-away PKI for TLS tests and benchmarks, made with the openssl command (EC
+P-256: fast to make and to use).
 
 make_pki(root) returns a dict of directories laid out as QEMU's tls-creds-x509 dir=
 expects (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, client-key.pem):
