@@ -252,6 +252,43 @@ class Hmp:
             return "Error: internal error in %s: %s" % (name, exc), False
 
 
+class LineReader:
+    """Monitor input cut into lines as they are asked for: `feed(data)` keeps the bytes,
+    `next_line()` returns the next complete line, TOO_LONG once for a line over MAX_LINE
+    (the rest of it, up to its newline, is dropped), or None when no line is complete."""
+
+    def __init__(self, max_line=MAX_LINE):
+        self.max_line = max_line
+        self.inbox = bytearray()
+        self.skipping = False
+
+    def __len__(self):
+        return len(self.inbox)
+
+    def feed(self, data):
+        self.inbox += data
+
+    def next_line(self):
+        while True:
+            if self.skipping:
+                i = self.inbox.find(b"\n")
+                if i < 0:
+                    self.inbox.clear()
+                    return None
+                del self.inbox[:i + 1]
+                self.skipping = False
+                continue
+            i = self.inbox.find(b"\n", 0, self.max_line + 1)
+            if i < 0:
+                if len(self.inbox) > self.max_line:
+                    self.skipping = True
+                    return TOO_LONG
+                return None
+            line = bytes(self.inbox[:i]).decode("utf-8", "replace").rstrip("\r")
+            del self.inbox[:i + 1]
+            return line
+
+
 class MonitorSession:
     """One monitor client on a chardev: line in, output + prompt out.
 
@@ -263,8 +300,7 @@ class MonitorSession:
         self.hmp = hmp
         self.chardev = chardev
         self.client = client
-        self.inbox = bytearray()
-        self.skipping = False         # after an over-long line: drop up to its newline
+        self.lines = LineReader()
         self.paused = False
         self.wake = asyncio.Event()
         self.task = asyncio.ensure_future(self._run())
@@ -273,36 +309,15 @@ class MonitorSession:
         self.chardev.write((BANNER + PROMPT).encode(), self.client)
 
     def feed(self, data):
-        self.inbox += data
+        self.lines.feed(data)
         t = getattr(self.client, "transport", None)
-        if t is not None and len(self.inbox) > INBOX_MAX and not self.paused:
+        if t is not None and len(self.lines) > INBOX_MAX and not self.paused:
             self.paused = True
             t.pause_reading()
         self.wake.set()
 
-    def _next_line(self):
-        """The next complete line; TOO_LONG for a line over MAX_LINE; None if none yet."""
-        while True:
-            if self.skipping:
-                i = self.inbox.find(b"\n")
-                if i < 0:
-                    self.inbox.clear()
-                    return None
-                del self.inbox[:i + 1]
-                self.skipping = False
-                continue
-            i = self.inbox.find(b"\n", 0, MAX_LINE + 1)
-            if i < 0:
-                if len(self.inbox) > MAX_LINE:
-                    self.skipping = True
-                    return TOO_LONG
-                return None
-            line = bytes(self.inbox[:i]).decode("utf-8", "replace").rstrip("\r")
-            del self.inbox[:i + 1]
-            return line
-
     def _maybe_resume(self):
-        if self.paused and len(self.inbox) < INBOX_MAX // 2:
+        if self.paused and len(self.lines) < INBOX_MAX // 2:
             self.paused = False
             t = getattr(self.client, "transport", None)
             if t is not None and not t.is_closing():
@@ -311,7 +326,7 @@ class MonitorSession:
     async def _run(self):
         burst = 0
         while True:
-            line = self._next_line()
+            line = self.lines.next_line()
             self._maybe_resume()
             if line is None:
                 self.wake.clear()
