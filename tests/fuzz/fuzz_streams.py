@@ -129,7 +129,12 @@ def record_seeds(corpus):
 # ---- one node, watched ---------------------------------------------------------------------
 
 class Target:
+    count = 0
+
     def __init__(self, nodes, name):
+        # a name (and so a log file) of its own: NodeSet logs append per name
+        Target.count += 1
+        name = "%s%d" % (name, Target.count)
         self.port = free_port()
         self.node = nodes.start(name, ["-m", MEM, "--incoming", "tcp:127.0.0.1:%d" % self.port])
         self.node.wait_monitor()
@@ -170,13 +175,26 @@ def _drain(sock, seconds):
 
 
 def _signature(kind, log):
-    """What a finding is, for dedupe: the exception and the innermost colocore frame."""
+    """What a finding is, for dedupe: the exception and the innermost colocore frame. An
+    escaped exception is named so whatever noticed it first (the traceback in the log,
+    or the listener it left dead)."""
     tb = log[log.rfind("Traceback"):] if "Traceback" in log else ""
+    if not tb:
+        return kind
     frames = re.findall(r'File "[^"]*?/(colocore/[^"]+)", line \d+, in (\w+)', tb)
     exc = re.findall(r"^(\w+(?:Error|Exception|Exit)[^\n]*)$", tb, re.M)
     where = "%s:%s" % frames[-1] if frames else ""
     name = exc[-1].split(":")[0] if exc else ""
-    return "%s %s %s" % (kind, name, where) if tb else kind
+    return "exception escaped %s %s" % (name, where)
+
+
+def core(sig):
+    """The part of a signature that says what broke (the exception and where), so a
+    finding known from one fuzzer is known to all."""
+    for prefix in ("exception escaped ", "partial apply "):
+        if sig.startswith(prefix):
+            return sig[len(prefix):]
+    return sig
 
 
 def check(target, mode, log_extra=""):
@@ -186,6 +204,9 @@ def check(target, mode, log_extra=""):
     if node.proc.poll() is not None:
         return [("node died", target.new_log()[-3000:])]
     log = target.new_log() + log_extra
+    if "Traceback" in log:
+        time.sleep(0.5)               # the node may still be writing it
+        log += target.new_log()
     if os.environ.get("FUZZ_VERBOSE"):
         print("".join("   | " + l + "\n" for l in log.splitlines()
                       if "ERROR" in l or "WARNING" in l)[-600:], end="", flush=True)
@@ -330,7 +351,7 @@ def known_signatures(known):
         for f in os.listdir(known):
             if f.endswith(".json"):
                 with open(os.path.join(known, f)) as fh:
-                    sigs.add(json.load(fh)["signature"])
+                    sigs.add(core(json.load(fh)["signature"]))
     return sigs
 
 
@@ -378,7 +399,7 @@ def run(mode, seconds, seed, corpus, findings, known):
                     continue
                 found[sig] = save_finding(findings, mode, kind, sig, data, detail)
                 print("finding %s: %s" % (found[sig], sig), flush=True)
-                if sig not in known_sigs:
+                if core(sig) not in known_sigs:
                     new.append(sig)
                 target.node.stop()
                 target = None
