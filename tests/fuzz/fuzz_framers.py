@@ -18,7 +18,7 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), HERE]
 
 with atheris.instrument_imports(include=["colocore.control"]):
     from colocore.control import hmp as hmp_mod
-    from colocore.control import qmp as qmp_mod
+    from colocore.control import jsonframer as qmp_mod
 
 import reference_framer  # noqa: E402
 

@@ -1,8 +1,8 @@
 """The byte-by-byte JSON framer colocore's QMP used before issue 11, kept as the oracle
 of the differential fuzzer: the fast framer (control/qmp.py) must cut every stream, in
 every chunking, exactly as this one does."""
-from colocore.control.qmp import MAX_NESTING, QmpError
-from colocore.control.qmp import MAX_MESSAGE
+from colocore.control.jsonframer import MAX_MESSAGE, MAX_NESTING
+from colocore.errors import QmpError
 
 
 class JsonFramer:

@@ -10,6 +10,7 @@ import psutil
 
 from colocore.clients.kv import KvClient
 from colocore.control import qmp as qmp_server
+from colocore.control.jsonframer import MAX_MESSAGE
 from colocore.control.chardev import MAX_CLIENTS
 
 
@@ -108,7 +109,7 @@ def test_unfinished_messages_are_capped_per_client_and_in_total(nodes):
     time.sleep(0.3)
     # a message past MAX_MESSAGE is refused and the client goes on
     c = Raw(node.qmp_path)
-    c.send(b'{"execute": "' + b"b" * (qmp_server.MAX_MESSAGE + 10) + b'"}\n')
+    c.send(b'{"execute": "' + b"b" * (MAX_MESSAGE + 10) + b'"}\n')
     assert "exceeds the size limit" in c.recv()["error"]["desc"]
     assert c.cmd("qmp_capabilities") == {"return": {}}
     assert kv.request("PING") == "PONG"
