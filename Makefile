@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 FUZZ_SECONDS ?= 60
 FUZZ_FINDINGS ?= /tmp/colocore-findings
 
-.PHONY: all install demo test bench fuzz clean
+.PHONY: all install demo test test-tools bench fuzz clean
 
 all: install
 
@@ -33,7 +33,21 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/colocore demo
 
-test: install
+# The networked-guest tests drive the guest with Debian's Redis tools (redis-cli,
+# redis-benchmark) and measure redis-server beside it: install them where missing (as
+# root; redis-py comes with the "test" extra).
+test-tools: install
+	@missing=; for t in redis-cli redis-benchmark redis-server; do \
+		command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "make test: installing redis-tools redis-server (missing:$$missing)"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-tools redis-server >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-tools redis-server >/dev/null; }; \
+		else echo "make test:$$missing missing; install redis-tools and redis-server (as root: apt-get install redis-tools redis-server)" >&2; fi; \
+	fi
+
+test: test-tools
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
 
 # Every fuzzer for FUZZ_SECONDS, the corpus kept under tests/fuzz/corpus/ (committed seeds

@@ -35,6 +35,7 @@ class ColoStats:
         self.last_latency_ms = 0.0
         self.verify_mismatches = 0
         self.verified = 0
+        self.reverted_pages = 0           # hybrid secondary: its own writes undone by loads
 
     @property
     def mean_pause_ms(self):
@@ -63,11 +64,14 @@ class Colo:
         self.peer_error = None
         self.trigger = threading.Event()  # checkpoint now (delay changed, failover)
         self.exit_sent = False
+        self.hybrid = False
         self.apply_lock = threading.Lock()
         self.loading = False
         self.secondary_done = threading.Event()   # the secondary loop has returned
         self.takeover_done = threading.Event()
         self.quitting = threading.Event()
+        self.unusable = None              # why this secondary may not take over, if so
+        self.cache = None                 # hybrid secondary: RAM as of the last checkpoint
 
     # ---- reporting -----------------------------------------------------------------
 
@@ -75,8 +79,11 @@ class Colo:
         """query-colo-status: QEMU's fields, then colocore's (peer, checkpoints, verify)."""
         s = self.stats
         return {"mode": self.mode, "last-mode": self.last_mode, "reason": self.reason,
-                "failover-state": self.failover.state.value, "peer": self.peer_state,
+                "failover-state": self.failover.state.value,
+                "checkpoint-mode": "hybrid" if self.hybrid else "periodic",
+                "peer": self.peer_state,
                 "peer-error": self.peer_error, "checkpoints": s.checkpoints,
+                "reverted-pages": s.reverted_pages,
                 "verified": s.verified, "verify-mismatches": s.verify_mismatches}
 
     def exit_event(self, reason):
@@ -100,6 +107,11 @@ class Colo:
         self.channel = ch
         self.mode = mode
         self.peer_state = "connected"
+        self.unusable = None
+        self.cache = None
+        # hybrid (x-colo-hybrid, the primary's choice; a secondary learns it from the
+        # stream): the secondary's guest runs between checkpoints
+        self.hybrid = bool(self.settings.capabilities.get("x-colo-hybrid"))
 
     def leave(self):
         """This node is out of COLO (failover done, or stopped by a takeover)."""
@@ -125,6 +137,8 @@ class Colo:
         or on a takeover thread (secondary)."""
         if self.mode == "none":
             raise ColocoreError("VM is not in COLO mode")
+        if self.unusable:
+            raise ColocoreError("this secondary cannot take over: %s" % self.unusable)
         self.failover.request(loading=self.mode == "secondary" and self.loading)
         if self.reason == "none":
             self.reason = "request"

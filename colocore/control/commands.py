@@ -19,7 +19,7 @@ def version_info():
 
 
 class Commands:
-    def __init__(self, machine, settings, migration, colo, emit, request_quit,
+    def __init__(self, machine, settings, migration, colo, emit, request_quit, announce=None,
                  migrate_incoming=None):
         self.machine = machine
         self._migrate_incoming = migrate_incoming
@@ -28,6 +28,7 @@ class Commands:
         self.colo = colo
         self.emit = emit
         self.request_quit = request_quit
+        self.announce = announce        # announce the NIC's MAC on the network (control loop)
 
     # ---- the VM -----------------------------------------------------------------------
 
@@ -153,3 +154,24 @@ class Commands:
 
     def query_colo_status(self):
         return self.colo.status()
+
+    # ---- the network card -------------------------------------------------------------
+
+    def _nic(self):
+        nic = self.machine.nic
+        if nic is None:
+            raise ColocoreError("no network card: start the node with --nic tap,ifname=NAME")
+        return nic
+
+    def query_net(self):
+        """The virtio-net card: MAC, link, tap, counters, and the vCPU's exits and WAITs
+        (how many frames each exit moves)."""
+        info = self._nic().query()
+        info["vcpu-exits"] = self.machine.vcpu.exits
+        info["waits"] = self.machine.platform.waits
+        return info
+
+    def announce_self(self):
+        """QEMU's announce-self: RARP rounds from the guest's MAC, and ANNOUNCE."""
+        self._nic()
+        self.announce()

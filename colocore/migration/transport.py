@@ -10,6 +10,7 @@ import enum
 import socket
 import struct
 import threading
+import time
 
 from colocore.errors import ColocoreError, StreamError
 from colocore.paths import parse_host_port
@@ -78,13 +79,18 @@ def _tune(sock):
 
 
 class Channel:
-    def __init__(self, sock, peer, security=PLAIN):
+    def __init__(self, sock, peer, security=PLAIN, secure_first=None):
         self.sock = sock
         self.peer = peer
         self.security = security            # tls.Security: who is at the other end
+        # an accepted connection's TLS handshake, run by the first read or send: on the
+        # connection's own thread, so a silent client never holds the accept loop
+        self._secure_first = secure_first
         self.send_lock = threading.Lock()   # the return path may be written by two threads
         self.bytes_sent = 0
         self.closed = False
+        self.deadline = None
+        self._timeout = sock.gettimeout()
         self.reader = stream.Reader(self._read_exact, "migration stream from %s" % peer)
 
     @classmethod
@@ -105,14 +111,32 @@ class Channel:
 
     # ---- sending -----------------------------------------------------------------
 
+    def _handshake(self):
+        """TLS on an accepted connection, before its first byte is read or written. A
+        refused peer (logged by tls.server_wrap) ends here as a PeerLost."""
+        secure, self._secure_first = self._secure_first, None
+        try:
+            self.sock, self.security = secure(self.sock, self.peer)
+        except TlsRefused as exc:
+            self.closed = True
+            raise PeerLost("refused %s" % exc) from None
+        self._timeout = self.sock.gettimeout()
+
     def send(self, *buffers):
+        if self._secure_first is not None:
+            self._handshake()
         if self.closed:
             raise PeerLost("the channel to %s is closed" % self.peer, closed=False)
         with self.send_lock:
             try:
                 for b in buffers:
+                    if self.deadline is not None:
+                        self.sock.settimeout(max(self.deadline - time.monotonic(), 0.001))
                     self.sock.sendall(b)
                     self.bytes_sent += len(b)
+            except TimeoutError:
+                raise PeerLost("%s did not take what was sent in time" % self.peer,
+                               closed=False) from None
             except OSError as exc:
                 last = self._last_words()
                 if last == Msg.TAKEOVER:
@@ -152,14 +176,32 @@ class Channel:
 
     # ---- receiving -----------------------------------------------------------------
 
+    def set_deadline(self, when):
+        """Every read and send must be done by time.monotonic() `when`; None goes back to
+        the per-call timeout of set_timeout(). A peer that trickles bytes, or stops
+        reading, cannot hold this side past a deadline."""
+        self.deadline = when
+        if when is None:
+            self.sock.settimeout(self._timeout)
+
     def _read_exact(self, n, timeout=None):
+        if self._secure_first is not None:
+            self._handshake()
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
         while got < n:
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise PeerLost("%s did not send what it owed in time" % self.peer,
+                                   closed=False)
+                self.sock.settimeout(left)
             try:
                 k = self.sock.recv_into(view[got:], n - got)
             except TimeoutError:
+                if self.deadline is not None:
+                    continue
                 raise PeerLost("%s said nothing for %.1f s" % (self.peer, self.sock.gettimeout()),
                                closed=False) from None
             except OSError as exc:
@@ -176,7 +218,9 @@ class Channel:
             raise PeerLost("%s closed the connection" % self.peer) from None
 
     def set_timeout(self, seconds):
-        self.sock.settimeout(seconds if seconds and seconds > 0 else None)
+        self._timeout = seconds if seconds and seconds > 0 else None
+        if self.deadline is None:
+            self.sock.settimeout(self._timeout)
 
     def recv_msg(self, skip_heartbeats=True):
         """The next message (Msg, and the SHUT reason when there is one)."""
@@ -258,7 +302,8 @@ class Channel:
 
 
 class Listener:
-    """--incoming tcp:HOST:PORT: listens at start-up, accepts one primary."""
+    """--incoming tcp:HOST:PORT: listens at start-up; migration/incoming.py decides which
+    of the connections it accepts becomes the one migration."""
 
     def __init__(self, uri, secure=None):
         host, port = parse_tcp_uri(uri, "--incoming")
@@ -275,20 +320,12 @@ class Listener:
             raise ColocoreError("--incoming %s: cannot listen: %s%s" % (
                 uri, exc.strerror or exc,
                 "; pick another port or stop what is listening there" if exc.errno == 98 else "")) from None
-        self.sock.listen(1)
+        self.sock.listen(16)
 
     def accept(self):
-        while True:
-            sock, addr = self.sock.accept()
-            peer = "%s:%d" % addr[:2]
-            _tune(sock)
-            security = PLAIN
-            if self.secure is not None:
-                try:
-                    sock, security = self.secure(sock, peer)
-                except TlsRefused:
-                    continue
-            return Channel(sock, peer, security)
+        sock, addr = self.sock.accept()
+        _tune(sock)
+        return Channel(sock, "%s:%d" % addr[:2], secure_first=self.secure)
 
     def close(self):
         try:

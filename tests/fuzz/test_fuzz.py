@@ -4,10 +4,11 @@ runs them longer and keeps the corpus), and replays every known finding.
 Finding (issue 11) 'Exceptions escape the incoming thread and the COLO loop ... 17 of
 515 mutated streams sent over TCP killed the listener' and 'A checkpoint can be
 half-applied': the stream fuzzers (incoming listener, COLO secondary mid-protocol) and
-the unit fuzzer look for exactly these. What they found in the lead's area (vmstate/,
-colo/, migration/incoming.py, device loads) is kept in tests/fuzz/findings/ with its
-reproducer; each replay is an expected failure until that area is fixed (strict: a
-replay that passes fails the run, so the finding is then removed from the list).
+the unit fuzzer look for exactly these. What they found (19 classes, before the engine
+side of issue 11 was merged) is kept in tests/fuzz/regressions/ with its reproducer, and
+each must now replay cleanly. An open finding goes to tests/fuzz/findings/ with its
+reproducer; its replay is an expected failure until it is fixed (strict: a replay that
+passes fails the run, and the finding moves to regressions/).
 """
 import glob
 import json
@@ -21,6 +22,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECONDS = float(os.environ.get("FUZZ_SECONDS", "3"))
 FINDINGS = os.path.join(HERE, "findings")
+REGRESSIONS = os.path.join(HERE, "regressions")
 
 
 def _atheris(script, args, corpus_seed, tmp_path, timeout=120, env=None):
@@ -65,20 +67,19 @@ def test_fuzz_streams_into_a_real_node(mode, stream_corpus, tmp_path):
     assert "cases in" in p.stdout
 
 
-def _known():
+def _reproducers(directory, open_findings):
     out = []
-    for path in sorted(glob.glob(os.path.join(FINDINGS, "*.bin"))):
+    for path in sorted(glob.glob(os.path.join(directory, "*.bin"))):
         with open(path[:-4] + ".json") as f:
             meta = json.load(f)
-        out.append(pytest.param(path, meta, id=os.path.basename(path)[:-4], marks=[
-            pytest.mark.kvm,
-            pytest.mark.xfail(strict=True, reason="lead's area (issue 11 items 3-5): %s"
-                              % meta["signature"])]))
+        marks = [pytest.mark.kvm]
+        if open_findings:
+            marks.append(pytest.mark.xfail(strict=True, reason="open finding: %s" % meta["signature"]))
+        out.append(pytest.param(path, meta, id=os.path.basename(path)[:-4], marks=marks))
     return out
 
 
-@pytest.mark.parametrize("path,meta", _known())
-def test_known_finding_replays_cleanly(path, meta, tmp_path):
+def _replay(path, meta, tmp_path):
     if meta["mode"] == "unit":
         p = subprocess.run([sys.executable, os.path.join(HERE, "fuzz_unit.py"), path],
                            capture_output=True, text=True, timeout=60,
@@ -91,3 +92,17 @@ def test_known_finding_replays_cleanly(path, meta, tmp_path):
     finally:
         sys.path.remove(HERE)
     assert fuzz_streams.replay(path) == []
+
+
+@pytest.mark.parametrize("path,meta", _reproducers(REGRESSIONS, False))
+def test_past_finding_replays_cleanly(path, meta, tmp_path):
+    """Each is what a fuzzer found: an exception escaping the incoming thread or the COLO
+    loop (a TypeError in a device load left the listener dead, or the loop dead while
+    'info colo' said connected), a unit half-applied, a device integer used as a buffer
+    size (MemoryError under the fuzzer's 3 GiB cap)."""
+    _replay(path, meta, tmp_path)
+
+
+@pytest.mark.parametrize("path,meta", _reproducers(FINDINGS, True))
+def test_open_finding_replays_cleanly(path, meta, tmp_path):
+    _replay(path, meta, tmp_path)

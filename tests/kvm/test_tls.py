@@ -136,10 +136,15 @@ def test_tls_listener_refuses_strangers_and_names_them(nodes, pki):
     assert "certificate has expired" in log and "unable to get local issuer" in log
     assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in log and "WRONG_VERSION_NUMBER" in log
     assert "CN=intruder,O=colocore" in log and "not allowed by authz auth0" in log
-    # the listener is still there for the real primary
-    pri = _primary(nodes, pki, hostname="localhost")
-    protect(pri, uri, delay_ms=100)
-    wait_until(sec, "query-colo-status", lambda d: d["mode"] == "secondary", "COLO secondary")
+    # the listener is still there for the real primary, even while a silent connection
+    # holds its TLS handshake open (it runs on that connection's thread, not the accept loop)
+    silent = socket.create_connection(addr)
+    try:
+        pri = _primary(nodes, pki, hostname="localhost")
+        protect(pri, uri, delay_ms=100)
+        wait_until(sec, "query-colo-status", lambda d: d["mode"] == "secondary", "COLO secondary")
+    finally:
+        silent.close()
 
 
 def test_tls_authz_pins_a_certificate_fingerprint(nodes, pki):

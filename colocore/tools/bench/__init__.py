@@ -5,6 +5,7 @@ real guests, next to a reference measured in the same run (memcpy, the unprotect
     checkpoint  pause, latency and guest progress under COLO (checkpoint.py)
     failover    x_colo_lost_heartbeat to the first answer (failover.py)
     migrate     initial live migration (migrate.py)
+    net         the networked guest (kvnet) against redis-server (net.py)
 
 Progress goes to stderr so `--json` stdout stays clean. Every node is started through a
 NodeSet and stopped by pid when the benchmark ends, fails, or is interrupted (Ctrl-C,
@@ -18,7 +19,7 @@ import sys
 from colocore.errors import ColocoreError
 from colocore.tools.bench.common import host_line, machine_description, say
 
-BENCHMARKS = ("pipeline", "checkpoint", "failover", "migrate")
+BENCHMARKS = ("pipeline", "checkpoint", "failover", "migrate", "net")
 
 
 def main(args):
