@@ -17,7 +17,6 @@ import asyncio
 import collections
 import json
 import logging
-import time
 
 from colocore.control.commands import version_info
 from colocore.control.jsonframer import MAX_MESSAGE, JsonFramer
