@@ -103,6 +103,8 @@ def test_past_finding_replays_cleanly(path, meta, tmp_path):
     _replay(path, meta, tmp_path)
 
 
-@pytest.mark.parametrize("path,meta", _reproducers(FINDINGS, True))
-def test_open_finding_replays_cleanly(path, meta, tmp_path):
-    _replay(path, meta, tmp_path)
+OPEN = _reproducers(FINDINGS, True)
+if OPEN:        # (none open now: no empty parametrization, which pytest reports as a skip)
+    @pytest.mark.parametrize("path,meta", OPEN)
+    def test_open_finding_replays_cleanly(path, meta, tmp_path):
+        _replay(path, meta, tmp_path)
