@@ -28,6 +28,7 @@ class NodeView:
     peer: str = "?"
     checkpoints: int = 0
     network: str = ""                # the network side of COLO, summed up (net_summary)
+    channel: str = ""                # the migration channel: TLS, and the peer's identity
     pid: int | None = None           # known for local nodes only
     cpu_percent: float | None = None
     rss_bytes: int | None = None

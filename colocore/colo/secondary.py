@@ -36,16 +36,32 @@ SILENCE_TIMEOUT = 5.0
 def run(colo, ch):
     colo.begin("secondary", ch)
     params = colo.settings.parameters
+    m = colo.machine
+    own_dirty = None
     try:
         # the state the initial migration brought is the first checkpoint: the primary
-        # releases what it held at stop-and-copy on checkpoint-ready
+        # releases what it held at stop-and-copy on checkpoint-ready (matched before a
+        # hybrid guest runs on and moves its counters)
         _loaded(colo, 0, time.time(), None)
+        if colo.hybrid:
+            # Hybrid mode: this guest runs between checkpoints, fed the same input as the
+            # primary's. The cache holds RAM as of the last checkpoint loaded, so that a load
+            # can put back whatever this guest wrote since (unit.apply).
+            colo.cache = bytearray(m.memory.size)
+            pages.copy(colo.cache, m.memory.ram)
+            m.memory.harvest()          # from here on, its own writes are what it dirties
+            m.resume("colo")
         ch.send_msg(Msg.CHECKPOINT_READY)
         while colo.failover.state == FailoverState.NONE:
             hb = params["x-colo-heartbeat"]
             ch.set_timeout(hb / 1000.0 if hb else SILENCE_TIMEOUT)
             msg = ch.recv_msg()
             if msg == Msg.CHECKPOINT_REQUEST:
+                if colo.hybrid:
+                    # suspend this guest before the primary captures: from the reply on,
+                    # neither copy's state moves until both resume from the checkpoint
+                    m.park_quietly()
+                    own_dirty = m.memory.harvest()
                 ch.send_msg(Msg.CHECKPOINT_REPLY)
             elif msg == Msg.VMSTATE_SEND:
                 t0 = time.perf_counter()
@@ -53,7 +69,7 @@ def run(colo, ch):
                 received_at = time.time()       # before the primary can release anything
                 ch.send_msg(Msg.VMSTATE_RECEIVED)
                 try:
-                    _load(colo, cp)
+                    _load(colo, cp, own_dirty)
                 except StreamError as exc:
                     # Checked whole before vmstate-received, yet the kernel refused it: the
                     # primary may release output for a state this node does not have, so
@@ -73,6 +89,9 @@ def run(colo, ch):
                     _verify(colo, cp)
                 _loaded(colo, cp.info["id"], received_at, cp.devices.get("virtio-net"))
                 ch.send_msg(Msg.VMSTATE_LOADED)
+                if colo.hybrid:
+                    own_dirty = None
+                    m.unpark_quietly(True)      # both copies resume from the checkpoint
             elif msg == Msg.QUIT:
                 raise PeerLost("the primary left COLO (failover on the primary)")
             else:
@@ -91,13 +110,15 @@ def run(colo, ch):
         ch.close()
 
 
-def _load(colo, cp):
+def _load(colo, cp, own_dirty):
     with colo.apply_lock:
         colo.loading = True
         try:
             if faults.SLOW_LOAD_S:
                 time.sleep(faults.SLOW_LOAD_S)
-            units.apply(cp, colo.machine)
+            units.apply(cp, colo.machine, colo.cache, own_dirty)
+            if own_dirty is not None:
+                colo.stats.reverted_pages += len(own_dirty)
         finally:
             colo.loading = False
 
@@ -141,8 +162,10 @@ def takeover(colo):
             pass            # no load in flight: RAM, vCPU and devices are one checkpoint
         colo.failover.start()
         t0 = time.perf_counter()
-        # the guest is still parked: the frames the checkpoint lacks go into its tap's
-        # queue, then the tap onto the service network (net/colo_net.py)
+        if colo.hybrid:
+            colo.machine.park_quietly()     # a hybrid guest runs: serve() resumes it
+        # the guest is parked: the frames the checkpoint lacks go into its tap's queue,
+        # then the tap onto the service network (net/colo_net.py)
         colo.network.takeover()
         t1 = time.perf_counter()
         colo.serve()        # opens the guest's chardevs, runs the guest, announces it

@@ -66,6 +66,7 @@ class ColoStats:
         self.last_latency_ms = 0.0
         self.verify_mismatches = 0
         self.verified = 0
+        self.reverted_pages = 0           # hybrid secondary: its own writes undone by loads
 
     @property
     def mean_pause_ms(self):
@@ -96,12 +97,14 @@ class Colo:
         self.peer_error = None
         self.trigger = threading.Event()  # checkpoint now (delay changed, failover)
         self.exit_sent = False
+        self.hybrid = False
         self.apply_lock = threading.Lock()
         self.loading = False
         self.secondary_done = threading.Event()   # the secondary loop has returned
         self.takeover_done = threading.Event()
         self.quitting = threading.Event()
         self.unusable = None              # why this secondary may not take over, if so
+        self.cache = None                 # hybrid secondary: RAM as of the last checkpoint
 
     # ---- reporting -----------------------------------------------------------------
 
@@ -110,8 +113,11 @@ class Colo:
         the network side on a node with a NIC)."""
         s = self.stats
         st = {"mode": self.mode, "last-mode": self.last_mode, "reason": self.reason,
-              "failover-state": self.failover.state.value, "peer": self.peer_state,
+              "failover-state": self.failover.state.value,
+              "checkpoint-mode": "hybrid" if self.hybrid else "periodic",
+              "peer": self.peer_state,
               "peer-error": self.peer_error, "checkpoints": s.checkpoints,
+              "reverted-pages": s.reverted_pages,
               "verified": s.verified, "verify-mismatches": s.verify_mismatches}
         net = self.network.status()
         if net is not None:             # QMP leaves an absent optional member out
@@ -140,6 +146,10 @@ class Colo:
         self.mode = mode
         self.peer_state = "connected"
         self.unusable = None
+        self.cache = None
+        # hybrid (x-colo-hybrid, the primary's choice; a secondary learns it from the
+        # stream): the secondary's guest runs between checkpoints
+        self.hybrid = bool(self.settings.capabilities.get("x-colo-hybrid"))
         self.network.begin(mode)
 
     def leave(self):

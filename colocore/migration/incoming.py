@@ -212,7 +212,10 @@ class Incoming:
                 reason = "COLO is not supported on the secondary's host"
                 ch.shut(reason)
                 raise ColocoreError(reason)
-            self.settings.capabilities["x-colo"] = True   # learnt from the stream
+            # learnt from the stream: the primary decides how the pair works
+            self.settings.capabilities["x-colo"] = True
+            self.settings.capabilities["x-colo-hybrid"] = bool(
+                info.get("capabilities", {}).get("x-colo-hybrid"))
 
     def close(self):
         self.closing = True

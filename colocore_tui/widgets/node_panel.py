@@ -64,6 +64,9 @@ class NodePanel(Static):
         if view.network:
             grid.add_row("network", _value(view.network, stale or (
                 "bold red" if "ERROR" in view.network else None)))
+        if view.channel:
+            secure = view.channel.startswith("tls") and "authenticated as" in view.channel
+            grid.add_row("channel", _value(view.channel, stale or ("green" if secure else "yellow")))
         if view.pid is not None:
             cpu = "-" if view.cpu_percent is None else "%.0f%%" % view.cpu_percent
             rss = "-" if view.rss_bytes is None else "%d MiB" % (view.rss_bytes >> 20)

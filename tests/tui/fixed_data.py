@@ -42,12 +42,14 @@ def messages():
                                  "last_mode": "none", "reason": "none", "migration": "colo",
                                  "failover": "none", "peer": "connected", "checkpoints": 320,
                                  "network": "held 4, released 7021, mirrored 7394",
+                                 "channel": "plain tcp, not authenticated",
                                  "pid": 4242, "cpu_percent": 38.0, "rss_bytes": 301 << 20},
                      stamp=T0 + 64)
     yield NodeStatus("secondary", {"vm_status": "colo", "colo_mode": "secondary",
                                    "last_mode": "none", "reason": "none", "migration": "colo",
                                    "failover": "none", "peer": "connected", "checkpoints": 320,
                                    "network": "mirrored 7394, log 3",
+                                   "channel": "plain tcp, not authenticated",
                                    "pid": 4241, "cpu_percent": 12.0, "rss_bytes": 290 << 20},
                      stamp=T0 + 64)
 

@@ -40,25 +40,14 @@ def failover_trial(mem="256M", load_s=0.6, delay_ms=200):
         t0 = time.perf_counter()
         sec.qmp("x-colo-lost-heartbeat")
         s = connect_when_open(sec.console, 10, "the secondary")
-        s.sendall(b"GET %s\n" % acked[0].encode())
-        # The secondary releases the console output its checkpoint held (it may repeat
-        # what the dead primary had released: answers to the load's SETs); whoever is
-        # connected then reads it first. The answer is the line with the value.
-        buf = b""
-        value = None
-        while value != acked[1]:
-            while b"\n" not in buf:
-                data = s.recv(4096)
-                if not data:
-                    raise ColocoreError("the secondary closed its console (last: %r)" % value)
-                buf += data
-            line, _, buf = buf.partition(b"\n")
-            value = line.decode().strip()
-            if value not in ("OK", acked[1]):
-                break                   # neither a repeat nor the answer: a wrong value
+        kv = KvClient(sec.console, sock=s)
+        kv.sock.sendall(b"GET %s\n" % acked[0].encode())
+        # "OK" lines first are the load's SET replies the primary still held: the
+        # secondary releases them to whoever is connected (its console is a byte stream)
+        value = "OK"
+        while value == "OK":
+            value = kv._readline(time.monotonic() + 10)
         t1 = time.perf_counter()
-        s.close()
-        kv = KvClient(sec.console)
         count = int(kv.request("COUNT"))
         kv.close()
         if value != acked[1] or count < load.count:
