@@ -1,10 +1,12 @@
 """One checkpoint's RAM on the wire: what the primary stages and sends, what the
 secondary buffers before it touches its VM.
 
-Primary side: `stage()` runs on the pause path and does only what must happen while the
-vCPU is parked (harvest the dirty log, copy the dirty pages aside, capture vCPU and
-devices). `send()` runs after the guest resumed: zero-page split, XBZRLE against the
-last-sent cache, lz4, framing.
+Primary side: `stage()` is the pause. It runs inside the vCPU's run loop when the guest
+runs (Machine.checkpoint_pause) and does only what must happen while the guest is
+stopped: the RAM capture (colocore_ext.capture: hot pages copied, short runs copied and
+re-protected, long runs write-protected for copy-on-write), the vCPU state, the device
+state. `send()` runs after the guest resumed: it waits for the copier, drops hot pages
+that did not change, splits zero pages, XBZRLE against the last-sent cache, lz4, framing.
 
 Secondary side: `receive()` reads a whole checkpoint into a `PendingCheckpoint` and
 verifies every section; `PendingCheckpoint.apply()` is the only code that writes the
@@ -12,16 +14,19 @@ secondary's VM, and it runs only after the checkpoint arrived whole.
 """
 import array
 import json
+import logging
 import struct
 import time
 
-from colocore_ext import pages, xbzrle
+from colocore_ext import capture, pages, xbzrle
 
 from . import cpustate, faults, memory, stream
 from .errors import StreamError
 from .machine import decode_devices, encode_devices
 from .stream import Section
 from .transport import Msg, U64
+
+log = logging.getLogger("colocore.checkpoint")
 
 PAGE = memory.PAGE
 DELTA_HEAD = struct.Struct("<I")
@@ -30,53 +35,81 @@ ZERO_PAGE = bytes(PAGE)
 
 
 class Staged:
-    """What the pause captured: dirty pages copied aside, vCPU, devices, output marks."""
-    __slots__ = ("pfns", "kept", "zero_flags", "cpu", "devices", "marks", "pause_s",
-                 "t_start", "digest")
+    """What one pause captured: the RAM capture's figures, vCPU, devices, output marks."""
+    __slots__ = ("dirty", "hot", "cow", "in_pause", "skipped", "faults", "mode", "cpu",
+                 "devices", "marks", "pause_s", "in_loop", "steps_us", "t_start", "digest")
+
+
+def pause_mode(settings, cow_ready, manual_protect):
+    """The pause mode a checkpoint runs in, e.g. copy, cow, hot+pre+cow: hot (a hot set
+    kept writable: needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2), pre (pre-copy between
+    checkpoints), then cow (copy-on-write after the pause) or copy (all in the pause)."""
+    params = settings.parameters
+    parts = []
+    if params["x-colo-hot-pages"] > 0 and manual_protect:
+        parts.append("hot")
+    if params["x-colo-precopy"] > 0:
+        parts.append("pre")
+    parts.append("cow" if params["x-colo-pause"] == "cow" and cow_ready else "copy")
+    return "+".join(parts)
 
 
 class Stager:
-    """The primary's pause-path work and the send that follows it."""
+    """The primary's pause-path work and the send that follows it. close() it when COLO
+    ends: that waits for the copier and lifts every write-protection."""
 
     def __init__(self, machine, settings, verify=False):
         self.machine = machine
         self.settings = settings
         self.verify = verify
-        self.staging = bytearray(256 * PAGE)
         self.cache = None
         self._delta_out = bytearray(memory.BATCH_PAGES * PAGE)
         self._lengths = array.array("i", bytes(4 * memory.BATCH_PAGES))
+        params = settings.parameters
+        want_cow = settings.cow_supported
+        self.capture = capture.Capture(machine.memory.dirty, cow=want_cow,
+                                       hot_max=params["x-colo-hot-pages"])
+        if want_cow and not self.capture.cow_ready:
+            # the kernel offered write-protect, but not for this guest's RAM
+            settings.cow_unavailable(self.capture.cow_reason)
+        settings.say_copy_once()
+        self.capture.reserve(256)
 
-    def _ensure(self, npages):
-        """On the pause path: only when the dirty set outgrew every earlier one."""
-        if len(self.staging) < npages * PAGE:
-            self.staging = bytearray(max(npages * PAGE, 2 * len(self.staging)))
+    def close(self):
+        self.capture.close()
 
-    def reserve(self, npages):
-        """Off the pause path: grow the staging buffer ahead of need and touch its pages,
-        so the next pause neither allocates nor takes page faults on it."""
-        if len(self.staging) < npages * PAGE:
-            self.staging = bytearray(npages * PAGE)
-            self.staging[::PAGE] = bytes(npages)
+    def precopy(self):
+        """Between checkpoints (x-colo-precopy): copy the cold dirty pages written so far.
+        Returns the pages copied."""
+        threshold = self.settings.parameters["x-colo-precopy"]
+        if threshold <= 0:
+            return 0
+        self.capture.precopy_min = threshold
+        return self.capture.precopy()
 
     def stage(self):
-        """The pause: park, harvest, copy, capture, unpark. Returns Staged."""
-        m = self.machine
+        """The pause. Returns Staged; the cow pages are still being copied."""
+        m, cap = self.machine, self.capture
+        params = self.settings.parameters
         st = Staged()
-        st.t_start = time.perf_counter()
-        was_running = m.park_quietly()
-        try:
-            pfns = m.memory.harvest()
-            self._ensure(len(pfns))
-            st.kept, st.zero_flags = pages.gather(m.memory.ram, pfns, self.staging)
-            st.pfns = pfns
-            st.cpu = m.vcpu.get_state()
+        st.mode = pause_mode(self.settings, cap.cow_ready, m.vm.manual_protect)
+        cap.cow = st.mode.endswith("cow")
+        cap.hot_max = params["x-colo-hot-pages"]
+
+        def in_pause():                   # device state, guest stopped (GIL held)
             st.devices = m.device_states()
             st.marks = (m.console_out.produced, m.serial_out.produced)
             st.digest = self._digest() if self.verify else None
-        finally:
-            m.unpark_quietly(was_running)
-        st.pause_s = time.perf_counter() - st.t_start
+        st.t_start = time.perf_counter()
+        st.cpu, st.pause_s, st.in_loop = m.checkpoint_pause(cap, in_pause)
+        v = m.vcpu
+        # kick: the signal landing (the guest still runs meanwhile); ram: dirty log,
+        # lists, write-protection, then the copying left after devices; vcpu, devices
+        st.steps_us = {"kick": v.t_exit - v.t_request,
+                       "ram": (v.t_ram - v.t_exit) + (v.t_resume - v.t_dev),
+                       "vcpu": v.t_vcpu - v.t_ram, "devices": v.t_dev - v.t_vcpu} \
+            if st.in_loop else {}
+        st.dirty, st.hot, st.cow, st.in_pause = cap.last_dirty, cap.last_hot, cap.last_cow, cap.last_in_pause
         return st
 
     def _digest(self):
@@ -85,11 +118,20 @@ class Stager:
 
     def send(self, ch, st, checkpoint_id):
         """Send a staged checkpoint (guest running). Returns (payload bytes, raw bytes)."""
+        cap = self.capture
+        cap.wait_copied()
+        st.faults = cap.last_faults
+        err = cap.take_copy_error()
+        if err:
+            log.warning("KVM_CLEAR_DIRTY_LOG failed (errno %d) after checkpoint %d: those pages "
+                        "stay dirty and are sent again; nothing is lost", err, checkpoint_id)
+        st.skipped = cap.compare_hot()
+        nonzero, zero = cap.plan_send()
         caps = self.settings.capabilities
         compress = caps.get("compress", False)
         use_xbzrle = caps.get("xbzrle", False)
-        nonzero, zero = memory.split_zero(st.pfns, st.zero_flags, st.kept)
-        info = {"id": checkpoint_id, "dirty": len(st.pfns), "zero": len(zero)}
+        info = {"id": checkpoint_id, "dirty": st.dirty, "zero": len(zero), "hot": st.hot,
+                "unchanged": st.skipped}
         if st.digest is not None:
             info["digest"] = True
         start = ch.bytes_sent
@@ -99,9 +141,9 @@ class Stager:
             self._send_xbzrle(ch, nonzero, zero, compress)
         else:
             for i in range(0, len(nonzero), memory.BATCH_PAGES):
-                chunk = memoryview(self.staging)[i * PAGE:min(len(nonzero), i + memory.BATCH_PAGES) * PAGE]
-                ch.send_section(Section.RAM, memory.ram_payload(
-                    nonzero[i:i + memory.BATCH_PAGES], chunk, compress))
+                n = min(memory.BATCH_PAGES, len(nonzero) - i)
+                ch.send_section(Section.RAM, memory.ram_payload(nonzero[i:i + n], cap.batch(i, n),
+                                                                compress))
         if len(zero):
             ch.send_section(Section.RAM_ZERO, zero.tobytes())
         if faults.armed("mid-ram", checkpoint_id):
@@ -124,9 +166,9 @@ class Stager:
             ch.send(devstate[:len(devstate) // 2])
             faults.crash("mid-devstate", checkpoint_id)
         ch.send(devstate)
-        raw = len(st.pfns) * PAGE + len(devstate)
-        # room for twice this checkpoint's dirty set, prepared while the guest runs
-        self.reserve(2 * len(st.pfns))
+        raw = st.dirty * PAGE + len(devstate)
+        # room for twice this checkpoint's dirty set, touched while the guest runs
+        cap.reserve(2 * st.dirty)
         return ch.bytes_sent - start, raw, ram_bytes
 
     def _send_xbzrle(self, ch, nonzero, zero, compress):
@@ -142,7 +184,7 @@ class Stager:
                 self.cache.insert(p, ZERO_PAGE)
         for i in range(0, len(nonzero), memory.BATCH_PAGES):
             pf = nonzero[i:i + memory.BATCH_PAGES]
-            raw = memoryview(self.staging)[i * PAGE:(i + len(pf)) * PAGE]
+            raw = self.capture.batch(i, len(pf))
             used = self.cache.encode_pages(pf, raw, self._delta_out, self._lengths)
             lengths = self._lengths[:len(pf)]
             whole = array.array("I", (p for p, n in zip(pf, lengths) if n < 0))

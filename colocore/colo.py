@@ -5,7 +5,7 @@ Primary (migration thread, after the initial live migration):
     <- checkpoint-ready
     every x-checkpoint-delay:
       -> checkpoint-request   <- checkpoint-reply
-      pause: harvest + copy dirty pages + vCPU + devices, resume      (Stager.stage)
+      pause: dirty log, hot/cow split, copy, vCPU, devices, resume    (Stager.stage)
       -> vmstate-send [RAM ... END] vmstate-size N [N bytes devices]  (guest runs on)
       <- vmstate-received     release output held up to this checkpoint
       <- vmstate-loaded
@@ -44,6 +44,9 @@ REPLY_TIMEOUT = 10.0
 # that a secondary notices a silent primary (a dead host, a partition) and reports it;
 # without x-colo-heartbeat it still waits for the operator to decide.
 IDLE_HEARTBEAT = 1.0
+# How often the primary pre-copies between checkpoints (x-colo-precopy): the pages a
+# pause still has to handle are those written since the last pre-copy.
+PRECOPY_EVERY = 0.02
 SILENCE_TIMEOUT = 5.0
 
 
@@ -67,6 +70,11 @@ class ColoStats:
         self.last_latency_ms = 0.0
         self.verify_mismatches = 0
         self.verified = 0
+        self.last_mode = ""
+        self.last_hot_pages = 0
+        self.last_cow_pages = 0
+        self.last_wp_faults = 0
+        self.last_unchanged_pages = 0
 
     @property
     def mean_pause_ms(self):
@@ -225,7 +233,7 @@ class Colo:
             # guest at the end of the initial migration
             checkpoint_id = 0
             while self.failover.state == FailoverState.NONE:
-                self._wait_delay(ch, params)
+                self._wait_delay(ch, params, stager.precopy)
                 if self.failover.state != FailoverState.NONE:
                     break
                 checkpoint_id += 1
@@ -263,21 +271,31 @@ class Colo:
                 return
         self._primary_failover(ch)
 
-    def _wait_delay(self, ch, params):
-        """Sleep x-checkpoint-delay, waking early on trigger; heartbeat while idle."""
+    def _wait_delay(self, ch, params, between=None):
+        """Sleep x-checkpoint-delay, waking early on trigger; heartbeat while idle;
+        `between()` (the pre-copy) every PRECOPY_EVERY (at least twice per delay)."""
         delay = params["x-checkpoint-delay"] / 1000.0
         hb = params["x-colo-heartbeat"] / 1000.0
-        deadline = time.monotonic() + delay
+        every = hb / 3 if hb else IDLE_HEARTBEAT
+        now = time.monotonic()
+        deadline, next_hb = now + delay, now + every
         while True:
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
             if left <= 0 or self.failover.state != FailoverState.NONE:
                 break
-            step = min(left, hb / 3 if hb else IDLE_HEARTBEAT)
-            if self.trigger.wait(step):
+            step = min(left, next_hb - now)
+            if between is not None:
+                step = min(step, max(PRECOPY_EVERY / 4, min(PRECOPY_EVERY, delay / 2)))
+            if self.trigger.wait(max(step, 0)):
                 self.trigger.clear()
                 break
-            if time.monotonic() < deadline:
+            if between is not None and time.monotonic() < deadline:
+                between()
+            now = time.monotonic()
+            if now < deadline and now >= next_hb:
                 ch.send_msg(Msg.HEARTBEAT)
+                next_hb = now + every
         self.trigger.clear()
 
     def _account(self, checkpoint_id, st, sent, raw, latency_ms):
@@ -287,7 +305,12 @@ class Colo:
         s.last_pause_ms = pause_ms
         s.total_pause_ms += pause_ms
         s.max_pause_ms = max(s.max_pause_ms, pause_ms)
-        s.last_dirty_pages = len(st.pfns)
+        s.last_dirty_pages = st.dirty
+        s.last_mode = st.mode
+        s.last_hot_pages = st.hot
+        s.last_cow_pages = st.cow
+        s.last_wp_faults = st.faults
+        s.last_unchanged_pages = st.skipped
         s.last_bytes = sent
         s.last_raw = raw
         s.total_bytes += sent
@@ -295,9 +318,12 @@ class Colo:
         s.last_latency_ms = latency_ms
         self.node.emit_event("COLO_CHECKPOINT", {
             "id": checkpoint_id, "pause-ms": round(pause_ms, 3),
-            "dirty-pages": len(st.pfns), "bytes": sent, "raw-bytes": raw,
+            "dirty-pages": st.dirty, "bytes": sent, "raw-bytes": raw,
             "compression-ratio": round(raw / sent, 3) if sent else 0.0,
-            "latency-ms": round(latency_ms, 3)})
+            "latency-ms": round(latency_ms, 3), "mode": st.mode,
+            "hot-pages": st.hot, "cow-pages": st.cow, "pause-copied-pages": st.in_pause,
+            "unchanged-pages": st.skipped, "wp-faults": st.faults,
+            "pause-steps-us": {k: round(v, 1) for k, v in st.steps_us.items()}})
 
     def _primary_failover(self, ch):
         m = self.node.machine

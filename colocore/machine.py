@@ -297,6 +297,33 @@ class Machine:
             self._want_run = True
             self._cond.notify_all()
 
+    def checkpoint_pause(self, ram_capture, in_pause):
+        """One checkpoint pause: `ram_capture`'s pause (a colocore_ext.capture.Capture,
+        or None), the vCPU state, then `in_pause()` (device state), guest stopped
+        throughout. Returns (vCPU state, seconds the guest was held, served in loop).
+
+        A running vCPU serves it inside its run loop (see Vcpu.capture_begin): the
+        guest resumes from there, with no thread hand-off on the way. A vCPU that is
+        parked (the operator stopped the guest) or leaving its loop is parked here and
+        the capture runs on this thread, as before."""
+        t0 = time.perf_counter()
+        v = self.vcpu
+        if self._want_run and v.capture_begin(ram_capture, in_pause):
+            self.platform.wake()         # a guest idling in WAIT is not in KVM_RUN
+            if v.capture_wait():
+                return v.captured_state(), (v.t_resume - v.t_request) / 1e6, True
+        was_running = self.park_quietly()
+        try:
+            if ram_capture is not None:
+                ram_capture.pause()
+            cpu = v.get_state()
+            in_pause()
+        finally:
+            self.unpark_quietly(was_running)
+            if ram_capture is not None:
+                ram_capture.start_copier()
+        return cpu, time.perf_counter() - t0, False
+
     @property
     def vcpu_running(self):
         return self._want_run

@@ -202,7 +202,12 @@ class Migration:
                       "colo last dirty pages: %d" % st.last_dirty_pages,
                       "colo last bytes: %d" % st.last_bytes,
                       "colo last latency: %.3f ms" % st.last_latency_ms,
-                      "colo compression ratio: %.2f" % st.compression_ratio]
+                      "colo compression ratio: %.2f" % st.compression_ratio,
+                      "colo pause mode: %s" % (st.last_mode or "-"),
+                      "colo last hot pages: %d" % st.last_hot_pages,
+                      "colo last cow pages: %d" % st.last_cow_pages,
+                      "colo last wp faults: %d" % st.last_wp_faults,
+                      "colo last unchanged pages: %d" % st.last_unchanged_pages]
         if self.error:
             lines.append("error: %s" % self.error)
         return "\n".join(lines)
@@ -338,7 +343,11 @@ class Migration:
             raise
         self.channel = None
         stager = Stager(m, settings, verify=node.args_verify)
-        node.colo.run_primary(ch, stager)
+        try:
+            node.colo.run_primary(ch, stager)
+        finally:
+            # COLO is over (failover, error, quit): no page may stay write-protected
+            stager.close()
 
     def _harvest_parked(self):
         m = self.node.machine

@@ -10,6 +10,8 @@ import os
 import signal
 import time
 
+from colocore_ext.capture import uffd_wp_support
+
 from . import snapshot
 from .chardev import Chardev, parse_chardev
 from .colo import Colo, colo_supported
@@ -120,7 +122,9 @@ class Node:
         if tcp_incoming:
             self.incoming = Incoming(self, a.incoming)     # binds now: a busy port fails here
         self.machine = Machine(mem, self.name, on_event=self.emit_event)
-        self.settings = MigrationSettings(colo_supported=colo_supported(self.machine))
+        ok, _features, reason = uffd_wp_support()
+        self.settings = MigrationSettings(colo_supported=colo_supported(self.machine),
+                                          cow_support=(ok, reason))
         self.settings.on_parameter_change = self._parameter_changed
         m = self.machine
         if snap is not None:

@@ -1,5 +1,9 @@
 """Migration capabilities and parameters, in QEMU's names, order and units."""
+import logging
+
 from .errors import ColocoreError
+
+log = logging.getLogger("colocore.params")
 
 # QEMU 7.2's order (REFERENCE.md); colocore lists the ones it implements.
 CAPABILITY_ORDER = ("xbzrle", "compress", "events", "x-colo", "return-path")
@@ -11,9 +15,22 @@ PARAMETERS = {
     "xbzrle-cache-size": (67108864, "bytes", 0, 1 << 34),
     "x-checkpoint-delay": (200, "ms", 0, 1 << 31),
     "x-colo-heartbeat": (0, "ms", 0, 1 << 31),
+    # pages a COLO primary keeps writable across checkpoints (dirty in two checkpoints
+    # in a row: copied at every pause instead of faulting again); 0 = none
+    "x-colo-hot-pages": (16384, "pages", 0, 1 << 32),
+    # between checkpoints, copy the cold dirty pages once at least this many wait, so
+    # that the pause handles only what was written since; 0 = off
+    "x-colo-precopy": (256, "pages", 0, 1 << 32),
+}
+# name -> the values it takes; the first is the default where the host supports it
+CHOICES = {
+    # cow: dirty pages outside the hot set are write-protected (userfaultfd) at the
+    # pause and copied after it; copy: every dirty page is copied inside the pause
+    "x-colo-pause": ("cow", "copy"),
 }
 PARAMETER_ORDER = ("downtime-limit", "max-bandwidth", "xbzrle-cache-size",
-                   "x-checkpoint-delay", "x-colo-heartbeat")
+                   "x-checkpoint-delay", "x-colo-heartbeat", "x-colo-pause",
+                   "x-colo-hot-pages", "x-colo-precopy")
 
 
 def parse_size(text):
@@ -31,11 +48,31 @@ def parse_size(text):
 class MigrationSettings:
     """Capabilities and parameters of one node (changed from the control thread)."""
 
-    def __init__(self, colo_supported):
+    def __init__(self, colo_supported, cow_support=(False, "not checked")):
         self.colo_supported = colo_supported
+        # userfaultfd write-protect (colocore_ext.capture.uffd_wp_support()): without it
+        # a COLO pause copies every dirty page itself
+        self.cow_supported, self.cow_reason = cow_support
         self.capabilities = {name: False for name in self.capability_names()}
         self.parameters = {name: spec[0] for name, spec in PARAMETERS.items()}
+        self.parameters["x-colo-pause"] = "cow" if self.cow_supported else "copy"
         self.on_parameter_change = lambda name, value: None
+        self._said_copy = False
+
+    def cow_unavailable(self, reason):
+        """Copy-on-write turned out not to work for this guest: pauses copy from now on."""
+        self.cow_supported, self.cow_reason = False, reason
+        if self.parameters["x-colo-pause"] == "cow":
+            self.parameters["x-colo-pause"] = "copy"
+        self.say_copy_once()
+
+    def say_copy_once(self):
+        """Log, once per process, that COLO pauses copy every dirty page themselves."""
+        if not self.cow_supported and not self._said_copy:
+            self._said_copy = True
+            log.warning("x-colo-pause: copy: userfaultfd write-protect is not available (%s); "
+                        "each COLO checkpoint copies every dirty page while the guest is "
+                        "paused", self.cow_reason)
 
     def capability_names(self):
         return [c for c in CAPABILITY_ORDER if c != "x-colo" or self.colo_supported]
@@ -51,6 +88,18 @@ class MigrationSettings:
         self.capabilities[name] = bool(state)
 
     def set_parameter(self, name, value):
+        if name in CHOICES:
+            v = str(value)
+            if v not in CHOICES[name]:
+                raise ColocoreError("Parameter '%s' expects one of %s, got %r"
+                                    % (name, ", ".join(CHOICES[name]), value))
+            if name == "x-colo-pause" and v == "cow" and not self.cow_supported:
+                raise ColocoreError("x-colo-pause cow needs userfaultfd write-protect, which "
+                                    "is not available here (%s); pauses copy instead"
+                                    % self.cow_reason)
+            self.parameters[name] = v
+            self.on_parameter_change(name, v)
+            return
         if name not in PARAMETERS:
             raise ColocoreError("Parameter '%s' not found; known: %s"
                                 % (name, ", ".join(PARAMETER_ORDER)))
@@ -75,6 +124,25 @@ class MigrationSettings:
     def parameters_text(self):
         out = []
         for name in PARAMETER_ORDER:
+            if name in CHOICES:
+                note = ""
+                if name == "x-colo-pause" and not self.cow_supported:
+                    note = " (no userfaultfd write-protect: %s)" % self.cow_reason
+                out.append("%s: %s%s" % (name, self.parameters[name], note))
+                continue
             unit = PARAMETERS[name][1]
             out.append("%s: %d %s" % (name, self.parameters[name], unit))
         return "\n".join(out)
+
+
+def pause_mode_parameters(mode):
+    """The x-colo-pause, x-colo-hot-pages and x-colo-precopy values of a pause mode name
+    (checkpoint.pause_mode's words: hot, pre, then cow or copy, joined by +)."""
+    parts = mode.split("+")
+    if parts[-1] not in ("cow", "copy") or len(set(parts)) != len(parts) or \
+            [p for p in parts[:-1] if p not in ("hot", "pre")]:
+        raise ColocoreError("unknown pause mode %r: use hot, pre, then cow or copy, joined by +, "
+                            "e.g. copy, cow, hot+cow, hot+pre+cow" % mode)
+    return {"x-colo-pause": parts[-1],
+            "x-colo-hot-pages": PARAMETERS["x-colo-hot-pages"][0] if "hot" in parts else 0,
+            "x-colo-precopy": PARAMETERS["x-colo-precopy"][0] if "pre" in parts else 0}

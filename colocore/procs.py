@@ -179,8 +179,11 @@ def wait_for(node, command, pattern, timeout=30.0):
 
 def start_protected_pair(nodes, kernel="kvstore", append="", mem="256M", delay_ms=200,
                          verify=False, primary_env=None, secondary_env=None,
-                         primary_extra=(), secondary_extra=(), capabilities=(), qmp=False):
-    """A primary and a secondary on loopback, x-colo on, in COLO. Returns (pri, sec)."""
+                         primary_extra=(), secondary_extra=(), capabilities=(), qmp=False,
+                         pause_mode=None):
+    """A primary and a secondary on loopback, x-colo on, in COLO. Returns (pri, sec).
+    `pause_mode` (default: the NodeSet's `pause_mode` attribute, else the engine's
+    default) is a checkpoint.pause_mode name, e.g. copy or hot+pre+cow."""
     port = free_port()
     uri = "tcp:127.0.0.1:%d" % port
     verify_arg = ["--colo-verify"] if verify else []
@@ -199,6 +202,13 @@ def start_protected_pair(nodes, kernel="kvstore", append="", mem="256M", delay_m
     out = pri.hmp("migrate_set_parameter x-checkpoint-delay %d" % delay_ms)
     if out:
         raise ColocoreError("primary refused the checkpoint delay: %s" % out)
+    mode = pause_mode or getattr(nodes, "pause_mode", None)
+    if mode:
+        from .params import pause_mode_parameters
+        for name, value in pause_mode_parameters(mode).items():
+            out = pri.hmp("migrate_set_parameter %s %s" % (name, value))
+            if out:
+                raise ColocoreError("primary refused pause mode %s: %s" % (mode, out))
     out = pri.hmp("migrate %s" % uri)
     if out:
         raise ColocoreError("migrate failed: %s" % out)

@@ -151,13 +151,15 @@ class QmpCommands:
         def _query_params(session, args):
             return dict(node.settings.parameters)
 
-        from .params import PARAMETERS
+        from .params import CHOICES, PARAMETERS
 
-        @self.command("migrate-set-parameters", **{n: ("int", False) for n in PARAMETERS})
+        @self.command("migrate-set-parameters", **{n: ("int", False) for n in PARAMETERS},
+                      **{n: ("str", False) for n in CHOICES})
         def _set_params(session, args):
             # all or nothing: validate every value on a copy first
             from .params import MigrationSettings
-            trial = MigrationSettings(node.settings.colo_supported)
+            trial = MigrationSettings(node.settings.colo_supported,
+                                      (node.settings.cow_supported, node.settings.cow_reason))
             trial.parameters = dict(node.settings.parameters)
             for name, value in args.items():
                 trial.set_parameter(name, value)
