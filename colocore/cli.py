@@ -75,6 +75,17 @@ def main(argv=None):
     b.add_argument("--trials", type=int, default=20, help="failover: number of trials")
     b.add_argument("--capabilities", default="compress", metavar="CAP,...",
                    help="checkpoint: migration capabilities of the primary (default compress)")
+    b.add_argument("--patterns", metavar="P,...", help="checkpoint: guest write patterns "
+                   "(hot: a working set rewritten all the time; scan: wss new pages every "
+                   "200 ms); default hot,scan")
+    b.add_argument("--modes", metavar="M,...", help="checkpoint: pause modes of the primary: "
+                   "hot, pre, then cow or copy, joined by + (copy is the engine before hot "
+                   "pages and copy-on-write); default copy,hot+pre+cow")
+    b.add_argument("--wss", metavar="N,...", help="checkpoint: working sets in pages "
+                   "(default 0,100,1000,10000 for hot, 1000,10000 for scan)")
+    b.add_argument("--delays", metavar="MS,...", help="checkpoint: x-checkpoint-delay values "
+                   "(default 200,25)")
+    b.add_argument("--cycles", type=int, help="checkpoint: cycles per row (default 3)")
     b.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # smoke tests
     args = parser.parse_args(argv)
     if args.cmd == "run":
@@ -92,7 +103,9 @@ def main(argv=None):
         if args.what != "pipeline":
             from . import bench_colo
             return bench_colo.main(args.what, json_out=args.json, trials=args.trials,
-                                   quick=args.quick, capabilities=args.capabilities)
+                                   quick=args.quick, capabilities=args.capabilities,
+                                   patterns=args.patterns, modes=args.modes, wss=args.wss,
+                                   delays=args.delays, cycles=args.cycles)
         from . import bench_pipeline
         return bench_pipeline.main(["--json"] if args.json else [])
     return 2
