@@ -55,23 +55,38 @@ def test_percentile():
 
 def test_checkpoint_quick():
     rows = _bench("checkpoint", "--quick")
-    assert {(r["wss"], r["delay_ms"]) for r in rows} == {(0, 200), (0, 25), (1000, 200), (1000, 25)}
+    assert {(r["pattern"], r["mode"], r["wss"], r["delay_ms"]) for r in rows} == {
+        (p, m, 1000, 50) for p in ("hot", "scan") for m in ("copy", "hot+pre+cow")}
     for r in rows:
         for key in ("wss", "delay_ms", "pause_ms_p50", "pause_ms_p99", "memcpy_ms",
-                    "progress_ratio", "bytes_per_checkpoint"):
+                    "progress_ratio", "bytes_per_checkpoint", "hot_pages",
+                    "wp_faults_per_checkpoint", "kernel"):
             assert key in r
+        assert r["modes_used"] == [r["mode"]]          # the node ran the mode asked for
         assert r["checkpoints"] >= 2
         assert 0 < r["pause_ms_p50"] <= r["pause_ms_p90"] <= r["pause_ms_p99"] <= r["pause_ms_max"]
         assert r["latency_ms_p50"] > 0
         assert r["bytes_per_checkpoint"] > 0 and r["compression_ratio"] > 0
         assert r["progress_ratio"] > 0 and min(r["rate_unprotected"]) > 0
         assert len(r["rate_unprotected"]) == 2 and len(r["rate_protected"]) == 1
-        assert r["memcpy_ms"] == 0 if r["wss"] == 0 else r["memcpy_ms"] > 0
-    big = [r for r in rows if r["wss"] == 1000]
-    # every pass of the guest rewrites its 1,000 pages: each checkpoint carries them all
-    assert all(r["dirty_pages_p50"] >= 1000 for r in big)
+        assert r["memcpy_ms"] > 0 and r["wp_faults_per_checkpoint"] >= 0
+        if r["mode"] == "copy":
+            assert r["hot_pages"] == 0 and r["wp_faults_per_checkpoint"] == 0
+    hot = [r for r in rows if r["pattern"] == "hot"]
+    # every pass of the guest rewrites its 1,000 pages: each checkpoint carries them all,
+    # and the default mode keeps them writable
+    assert all(r["dirty_pages_p50"] >= 1000 for r in hot)
+    assert [r["hot_pages"] >= 1000 for r in hot if r["mode"] != "copy"] == [True]
     assert all(r["bytes_per_checkpoint"] > 1000 * 4096 // 2 or r["compression_ratio"] > 1.5
-               for r in big)
+               for r in hot)
+
+
+def test_checkpoint_refuses_unknown_modes_and_patterns():
+    for args, text in ((("--modes", "fast"), "unknown pause mode 'fast'"),
+                       (("--patterns", "zigzag"), "unknown pattern 'zigzag'")):
+        proc = subprocess.run([sys.executable, "-m", "colocore", "bench", "checkpoint", *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and text in proc.stderr, proc.stderr
 
 
 def test_failover_two_trials():
