@@ -122,6 +122,12 @@ cdef extern from *:
 cdef extern from "<sys/mman.h>" nogil:
     int MAP_NORESERVE
 
+cdef extern from "<sched.h>" nogil:
+    struct sched_param:
+        int sched_priority
+    int sched_setscheduler(int pid, int policy, const sched_param *param)
+    int SCHED_BATCH
+
 cdef enum:
     KIND_HOT = 1
     KIND_PAUSE = 2
@@ -276,7 +282,13 @@ cdef void _copy_cow_pages(shared_t *s) noexcept nogil:
 
 cdef void *_copier_main(void *arg) noexcept nogil:
     cdef shared_t *s = <shared_t *>arg
+    cdef sched_param prio
     _block_signals()
+    # SCHED_BATCH: woken, this thread never preempts the one that woke it (the vCPU
+    # thread in the pause, or the guest after it): it helps only on a core that is free,
+    # so on a busy machine the pause is never longer than copying alone.
+    prio.sched_priority = 0
+    sched_setscheduler(0, SCHED_BATCH, &prio)
     while True:
         pthread_mutex_lock(&s.mu)
         while not s.pause_work and (not s.work or s.hold) and not s.stopping:

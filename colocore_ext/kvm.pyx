@@ -246,7 +246,7 @@ cdef class Vcpu:
     cdef int c_have
     cdef int c_errno
     cdef const char *c_err_what
-    cdef readonly double t_request, t_exit, t_ram, t_vcpu, t_dev, t_resume
+    cdef readonly double t_request, t_exit, t_ram, t_vcpu, t_gil, t_dev, t_resume
 
     def __cinit__(self):
         self.fd = -1
@@ -460,6 +460,7 @@ cdef class Vcpu:
         """The GIL part of a served capture, the rest of the RAM copying, then the guest
         may run again."""
         cdef Capture ram = self.cap_ram     # the waiter drops self.cap_ram once DONE
+        self.t_gil = _now_us()
         try:
             if self.cap_py is not None and self.cap_ram_status == 0 and self.c_errno == 0:
                 self.cap_py()

@@ -13,7 +13,8 @@ prints the pause's steps:
   wp       UFFDIO_WRITEPROTECT of the copy-on-write runs (one call per run)
   clear    KVM_CLEAR_DIRTY_LOG of the pages copied in the pause
   vcpu     the vCPU state (regs/sregs/events from kvm_run, the rest by ioctl)
-  devices  the device state (Python, GIL)
+  gil      taking the GIL on the vCPU thread
+  devices  the device state (Python)
   copy     what was left of the in-pause copy after vcpu + devices (the copier thread
            copies along from `clear` on)
   total    request to guest running again (= the benchmark's pause)
@@ -34,7 +35,7 @@ from colocore.machine import Machine
 from colocore.params import pause_mode_parameters
 from colocore_ext import capture
 
-STEPS = ("kick", "get", "lists", "wp", "clear", "vcpu", "devices", "copy", "total")
+STEPS = ("kick", "get", "lists", "wp", "clear", "vcpu", "gil", "devices", "copy", "total")
 
 
 def _guest(append, mem=256 << 20):
@@ -78,7 +79,8 @@ def pause_steps(append, mode, rounds=40, gap_s=0.2):
             for name, value in (("kick", v.t_exit - v.t_request), ("get", cap.last_get_us),
                                 ("lists", cap.last_classify_us), ("wp", cap.last_wp_us),
                                 ("clear", cap.last_clear_us), ("vcpu", v.t_vcpu - v.t_ram),
-                                ("devices", v.t_dev - v.t_vcpu), ("copy", v.t_resume - v.t_dev),
+                                ("gil", v.t_gil - v.t_vcpu), ("devices", v.t_dev - v.t_gil),
+                                ("copy", v.t_resume - v.t_dev),
                                 ("total", v.t_resume - v.t_request)):
                 steps[name].append(value / 1000)
             for name, value in (("dirty", cap.last_dirty), ("hot", cap.last_hot),
