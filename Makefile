@@ -4,22 +4,25 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-SOURCES := setup.py pyproject.toml $(wildcard colocore_ext/*.pyx colocore_ext/*.pxd guests/*.c guests/*.S guests/*.h guests/*.ld guests/*.py)
+SOURCES := setup.py pyproject.toml constraints.txt $(wildcard colocore_ext/*.pyx colocore_ext/*.pxd guests/*.c guests/*.S guests/*.h guests/*.ld guests/*.py)
 PYTEST_ARGS ?=
 
-.PHONY: all install demo test bench clean
+.PHONY: all install demo test test-tools bench clean
 
 all: install
 
-$(VENV)/.deps:
+# What colocore needs is declared once: pyproject.toml's build-system (to build) and
+# setup.py's install_requires and "test" extra (to run and test); constraints.txt pins the
+# versions it was tested with.
+$(VENV)/.deps: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q cython setuptools wheel textual psutil lz4 pyroute2 \
-		pytest pytest-timeout hypothesis qemu.qmp pytest-textual-snapshot
+	$(PY) -m pip install -q -c constraints.txt $$($(PY) -c 'import tomllib; \
+		print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m pip install -q --no-build-isolation -c constraints.txt -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -27,7 +30,21 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/colocore demo
 
-test: install
+# The networked-guest tests drive the guest with Debian's Redis tools (redis-cli,
+# redis-benchmark) and measure redis-server beside it: install them where missing (as
+# root; redis-py comes with the "test" extra).
+test-tools: install
+	@missing=; for t in redis-cli redis-benchmark redis-server; do \
+		command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "make test: installing redis-tools redis-server (missing:$$missing)"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-tools redis-server >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-tools redis-server >/dev/null; }; \
+		else echo "make test:$$missing missing; install redis-tools and redis-server (as root: apt-get install redis-tools redis-server)" >&2; fi; \
+	fi
+
+test: test-tools
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
 
 bench: install

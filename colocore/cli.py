@@ -4,12 +4,13 @@ import asyncio
 import logging
 import sys
 
-from .errors import ColocoreError
+from colocore.errors import ColocoreError
+from colocore.tools.bench import BENCHMARKS
 
 
 def _run_parser(sub):
     p = sub.add_parser("run", help="run a guest (a colocore node)")
-    p.add_argument("--kernel", help="kvstore, dirtier, or a path to a Multiboot v1 ELF32 image")
+    p.add_argument("--kernel", help="kvstore, dirtier, kvnet, or a path to a Multiboot v1 ELF32 image")
     p.add_argument("--append", default="", help="the multiboot command line")
     p.add_argument("-m", default=None, help="guest memory, e.g. 256M (default 256M)")
     p.add_argument("--console", help="chardev of the virtio console (the guest's service)")
@@ -20,6 +21,9 @@ def _run_parser(sub):
     p.add_argument("--incoming", help="file:PATH (restore a saved guest) or tcp:HOST:PORT "
                    "(wait for a live migration / become a COLO secondary)")
     p.add_argument("--name", help="the node's name (logs, events)")
+    p.add_argument("--nic", metavar="tap,ifname=NAME[,mac=MAC][,br=BRIDGE]",
+                   help="a virtio-net card on tap NAME (created if missing, attached to BRIDGE, "
+                        "brought up; removed at exit if this node created it)")
     p.add_argument("--colo-verify", action="store_true",
                    help="debug: compare page hashes of secondary and primary at every checkpoint")
     p.add_argument("--stats-file", metavar="PATH",
@@ -35,7 +39,7 @@ def _setup_logging(level, name=None):
 
 
 def cmd_run(args):
-    from .node import Node
+    from colocore.control.node import Node
     _setup_logging(args.log_level, args.name)
     try:
         node = Node(args)
@@ -69,8 +73,9 @@ def main(argv=None):
     sc = sub.add_parser("script", help="run a scenario against nodes, headless (JSON lines out)")
     sc.add_argument("file", help="the scenario file, or - for stdin")
     sc.add_argument("--workdir", help="where started nodes keep sockets and logs (default: a temp dir)")
-    b = sub.add_parser("bench", help="benchmarks")
-    b.add_argument("what", choices=["pipeline", "checkpoint", "failover", "migrate"])
+    b = sub.add_parser("bench", help="benchmarks (figures as ratios to a reference measured "
+                                     "in the same run)")
+    b.add_argument("what", choices=BENCHMARKS)
     b.add_argument("--json", action="store_true")
     b.add_argument("--trials", type=int, default=20, help="failover: number of trials")
     b.add_argument("--capabilities", default="compress", metavar="CAP,...",
@@ -86,28 +91,24 @@ def main(argv=None):
     b.add_argument("--delays", metavar="MS,...", help="checkpoint: x-checkpoint-delay values "
                    "(default 200,25)")
     b.add_argument("--cycles", type=int, help="checkpoint: cycles per row (default 3)")
+    b.add_argument("--no-harvest", action="store_true",
+                   help="pipeline: skip the dirty-log harvest (needs /dev/kvm and 4 GiB)")
     b.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # smoke tests
     args = parser.parse_args(argv)
     if args.cmd == "run":
         return cmd_run(args)
     if args.cmd == "demo":
-        from . import demo
+        from colocore.tools import demo
         return demo.main(args)
     if args.cmd == "monitor":
-        from . import monitor_client
-        return monitor_client.main(args)
+        from colocore.clients import hmp
+        return hmp.main(args)
     if args.cmd == "script":
-        from . import script
+        from colocore.tools import script
         return script.main(args)
     if args.cmd == "bench":
-        if args.what != "pipeline":
-            from . import bench_colo
-            return bench_colo.main(args.what, json_out=args.json, trials=args.trials,
-                                   quick=args.quick, capabilities=args.capabilities,
-                                   patterns=args.patterns, modes=args.modes, wss=args.wss,
-                                   delays=args.delays, cycles=args.cycles)
-        from . import bench_pipeline
-        return bench_pipeline.main(["--json"] if args.json else [])
+        from colocore.tools import bench
+        return bench.main(args)
     return 2
 
 

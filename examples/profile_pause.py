@@ -1,7 +1,7 @@
 """Where a checkpoint pause goes, step by step, and what the kernel operations under it cost.
 
 Runs the `dirtier` guest in this process (no pair, no network) and takes checkpoints the
-way the COLO primary does (Machine.checkpoint_pause with a colocore_ext.capture.Capture,
+way the COLO primary does (colo/checkpoint.py checkpoint_pause with a Capture,
 pre-copy passes between checkpoints in the modes that have them, then what the send does
 first: wait for the copier, compare hot pages, plan). For each pattern and pause mode it
 prints the pause's steps:
@@ -30,9 +30,10 @@ import statistics
 import sys
 import time
 
-from colocore.bench_pipeline import bench_faults
-from colocore.machine import Machine
-from colocore.params import pause_mode_parameters
+from colocore.colo.checkpoint import checkpoint_pause
+from colocore.migration.params import pause_mode_parameters
+from colocore.tools.bench.pipeline import bench_faults
+from colocore.vm.machine import Machine
 from colocore_ext import capture
 
 STEPS = ("kick", "get", "lists", "wp", "clear", "vcpu", "gil", "devices", "copy", "total")
@@ -69,7 +70,7 @@ def pause_steps(append, mode, rounds=40, gap_s=0.2):
                 time.sleep(0.02)
                 cap.precopy()
             time.sleep(max(0.0, deadline - time.perf_counter()))
-            cpu, pause_s, in_loop = m.checkpoint_pause(cap, m.device_states)
+            cpu, pause_s, in_loop = checkpoint_pause(m, cap, m.device_states)
             cap.wait_copied()
             cap.compare_hot()
             cap.plan_send()
@@ -120,7 +121,7 @@ def wp_cost(rounds=8):
                 cap.cow = cow
                 for _ in range(rounds + 2):
                     time.sleep(0.06)
-                    m.checkpoint_pause(cap, m.device_states)
+                    checkpoint_pause(m, cap, m.device_states)
                     cap.wait_copied()
                     cap.compare_hot()
                     cap.plan_send()

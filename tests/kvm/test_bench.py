@@ -11,8 +11,6 @@ import sys
 
 import pytest
 
-from colocore.bench_colo import percentile
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -44,13 +42,6 @@ def _alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def test_percentile():
-    assert percentile([], 50) == 0.0
-    assert percentile([5], 99) == 5
-    assert percentile([1, 2, 3, 4], 50) == 2.5
-    assert percentile(list(range(101)), 90) == 90
 
 
 def test_checkpoint_quick():
@@ -86,7 +77,7 @@ def test_checkpoint_refuses_unknown_modes_and_patterns():
                        (("--patterns", "zigzag"), "unknown pattern 'zigzag'")):
         proc = subprocess.run([sys.executable, "-m", "colocore", "bench", "checkpoint", *args],
                               cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 2 and text in proc.stderr, proc.stderr
+        assert proc.returncode == 1 and text in proc.stderr, proc.stderr
 
 
 def test_failover_two_trials():

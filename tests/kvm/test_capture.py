@@ -14,7 +14,8 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from colocore.machine import Machine
+from colocore.colo.checkpoint import checkpoint_pause
+from colocore.vm.machine import Machine
 from colocore_ext import capture, pages
 
 pytestmark = pytest.mark.kvm
@@ -73,7 +74,7 @@ class Checker:
             ref["cpu"] = self.m.vcpu.get_state()
         if hold:
             self.cap.hold_copier(True)
-        cpu, pause_s, in_loop = self.m.checkpoint_pause(self.cap, in_pause)
+        cpu, pause_s, in_loop = checkpoint_pause(self.m, self.cap, in_pause)
         return ref, cpu, in_loop
 
     def check(self, ref):

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from colocore.kvclient import KvClient
-from colocore.procs import wait_for
+from colocore.clients.kv import KvClient
+from colocore.tools.procs import wait_for
 
 
 def _kvstore(nodes, name="a", extra=()):

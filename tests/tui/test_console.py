@@ -9,11 +9,11 @@ import time
 import psutil
 import pytest
 
-from colocore.procs import start_protected_pair
+from colocore.tools.procs import start_protected_pair
 from colocore_tui.app import create_app
-from colocore_tui.delay_screen import DelayScreen
-from colocore_tui.failover_screen import FailoverScreen
-from colocore_tui.timeline import CheckpointTimeline
+from colocore_tui.screens.delay import DelayScreen
+from colocore_tui.screens.failover import FailoverScreen
+from colocore_tui.widgets.timeline import CheckpointTimeline
 from textual.widgets import Input, Sparkline
 
 pytestmark = pytest.mark.kvm
@@ -116,7 +116,7 @@ def test_demo_starts_a_pair_and_quit_stops_it():
                 pids = app.demo.pids()
                 assert set(pids) == {"primary", "secondary"}
                 assert all(psutil.pid_exists(p) for p in pids.values())
-                await wait_until(pilot, lambda: app.demo.load.acked > 0, "the client load")
+                await wait_until(pilot, lambda: app.demo.load.count > 0, "the client load")
                 await pilot.press("q")
         finally:
             app.demo.close()
