@@ -1,9 +1,11 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """The RAM half of a checkpoint pause: which dirty pages stay writable, which are copied
-while the vCPU is stopped, which are write-protected and copied after it resumes.
+while the vCPU is stopped, which are write-protected and copied after it resumes, and
+which were copied before the pause.
 
-Three kinds of dirty page, decided at every pause (`pause_nogil`, called on the vCPU
-thread right after KVM_RUN returned, or on the migration thread while the vCPU is parked):
+Four kinds of dirty page, decided at every pause (`pause_begin_nogil`/`pause_end_nogil`,
+called on the vCPU thread right after KVM_RUN returned, or on the migration thread while
+the vCPU is parked):
 
 - **hot**: dirty in this checkpoint and the one before. Its bit in KVM's dirty log is
   never cleared (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: only KVM_CLEAR_DIRTY_LOG
@@ -16,15 +18,19 @@ thread right after KVM_RUN returned, or on the migration thread while the vCPU i
 - **pause**: copied during the pause and its dirty bit cleared before the vCPU resumes
   (every dirty page when copy-on-write is off: the engine's old behaviour).
 - **cow** (copy-on-write): runs of at least `min_run` consecutive dirty pages that are not
-  hot (shorter runs are cheaper to copy: every UFFDIO_WRITEPROTECT call costs ~45 us on
-  kvm_pvm, KVM's MMU notifier, against ~0.5-1 us to copy a cold page) are
-  write-protected with userfaultfd (UFFDIO_WRITEPROTECT) during the pause, and
+  hot are write-protected with userfaultfd (UFFDIO_WRITEPROTECT) during the pause, and
   copied after the vCPU resumed by the copier thread, at memory speed, in batches: copy,
   clear the batch's dirty bits, un-protect. A write to such a page before the copier
   reached it (the guest, through KVM; or the VMM's own device emulation on the vCPU
-  thread) blocks in the kernel until the fault-handler thread has copied that page,
-  cleared its dirty bit and un-protected it. Both threads are plain pthreads that never
-  touch Python: the vCPU thread may fault while it holds the GIL.
+  thread) blocks in the kernel until the fault-handler thread has copied that page and
+  un-protected it. Both threads are plain pthreads that never touch Python: the vCPU
+  thread may fault while it holds the GIL. Only long runs: a protect costs ~2.5 us per
+  call + ~0.28 us per page here, against ~0.5-1 us to copy a cold page, but a write
+  that finds its page protected costs the guest a round trip through the handler
+  (~70-150 us on kvm_pvm); a long run of cold pages was written by something that has
+  moved on (a log, a bulk load), a short one may be written again at once.
+- **pre**: copied by `precopy()` between checkpoints, while the guest runs, and not
+  written since (a page written again is copied anew at the pause, into its slot).
 
 Orderings (each one is what keeps a write from being lost or a copy from being late):
 1. A cow page's dirty bit is cleared after it was copied and *before* it is un-protected.
@@ -43,12 +49,18 @@ Orderings (each one is what keeps a write from being lost or a copy from being l
    it: a fault message read late (the copier already woke the writer) is then answered
    against the lists of one checkpoint, never half of two.
 5. The next pause waits for the copier of the previous one (normally done long before:
-   the send waits for it), so a checkpoint's copies never mix with the next one's.
+   the send waits for it), so a checkpoint's copies never mix with the next one's. The
+   copier thread also helps copy inside the pause; the pause waits for its last chunk
+   before the guest runs (a hot page copied after that would be a later state).
 6. Copies use non-temporal stores: a store fence ends every batch before its pages are
    published (CLEARED, done).
 7. Closing: wait for the copier, stop the handler, un-protect the whole of guest RAM,
    unregister. Pages protected but never copied keep their dirty bit: they are reported
    again, nothing is lost.
+8. A pre-copy is the other way round from rule 1 (the page is writable): clear first,
+   copy second. A write before the clear is in the copy; one after it sets the bit again
+   and the pause copies the page anew. The VMM's marks are taken before the copy too:
+   device emulation writes guest RAM first and marks it after.
 
 Without MANUAL_DIRTY_LOG_PROTECT2 KVM_GET_DIRTY_LOG clears and re-protects every page
 itself: nothing can stay hot and the copier has nothing to clear.
@@ -136,10 +148,11 @@ cdef enum:
     ST_PENDING = 0
     ST_COPYING = 1
     ST_CLEARED = 2              # copied, and un-protecting it loses no write (rule 1)
-    # pages per KVM_CLEAR_DIRTY_LOG + un-protect in the copier: each of those calls costs
-    # ~45 us on this host (KVM's MMU notifier zaps and flushes), whatever its length
+    # pages per KVM_CLEAR_DIRTY_LOG + un-protect in the copier (KVM_CLEAR_DIRTY_LOG flushes
+    # the VM's TLBs at every call): fewer calls, against how long a writer may wait for
+    # a page the copier holds (one batch: ~0.3-0.5 ms)
     COPIER_BATCH = 512
-    PAUSE_CHUNK = 16            # pages per claim when two threads copy inside the pause
+    PAUSE_CHUNK = 8             # pages per claim when two threads copy inside the pause
     MAX_MSGS = 32
     SEND_BATCH = 1024           # pages per RAM section (memory.BATCH_PAGES)
 
@@ -451,7 +464,7 @@ cdef uint8_t *_map(size_t size) except NULL:
 cdef class Capture:
     """The pause's RAM capture for one guest RAM slot (see the module doc).
 
-    Capture(log, cow=True, hot_max=16384, min_run=128, quiet_max=2)
+    Capture(log, cow=True, hot_max=16384, min_run=32, quiet_max=2)
     `log` is the slot's DirtyLog (its bitmaps are shared: nothing else may harvest the
     slot while a Capture is in use). `cow` asks for copy-on-write; `cow_ready` says
     whether this host gives it (userfaultfd write-protect), `cow_reason` why not.
@@ -463,7 +476,7 @@ cdef class Capture:
         self.handler_started = False
 
     def __init__(self, DirtyLog log not None, bint cow=True, Py_ssize_t hot_max=16384,
-                 int min_run=128, int quiet_max=2):
+                 int min_run=32, int quiet_max=2):
         cdef shared_t *s
         cdef int p
         if min_run < 1 or quiet_max < 1 or hot_max < 0:

@@ -34,7 +34,7 @@ from colocore.colo.checkpoint import checkpoint_pause
 from colocore.migration.params import pause_mode_parameters
 from colocore.tools.bench.pipeline import bench_faults
 from colocore.vm.machine import Machine
-from colocore_ext import capture
+from colocore_ext import capture, pages
 
 STEPS = ("kick", "get", "lists", "wp", "clear", "vcpu", "gil", "devices", "copy", "total")
 
@@ -104,6 +104,38 @@ def pause_steps(append, mode, rounds=40, gap_s=0.2):
         print("  copier (after the pause) p50 %.3f ms" % statistics.median(copier))
 
 
+def old_pause(append, rounds=40, gap_s=0.2):
+    """The pause as it was before the capture ran in the vCPU's loop, for comparison in
+    the same run: park the vCPU (a signal, then a condition hand-off to this thread),
+    harvest (GET + CLEAR), gather, the vCPU state by ioctl, the devices, unpark."""
+    m = _guest(append)
+    staging = bytearray(m.memory.npages * 4096)
+    staging[::4096] = bytes(m.memory.npages)
+    total, fixed = [], []
+    try:
+        for _ in range(rounds + 3):
+            time.sleep(gap_s)
+            t0 = time.perf_counter()
+            was = m.park_quietly()
+            t1 = time.perf_counter()
+            pfns = m.memory.harvest()
+            t2 = time.perf_counter()
+            pages.gather(m.memory.ram, pfns, staging)
+            t3 = time.perf_counter()
+            m.vcpu.get_state()
+            m.device_states()
+            m.unpark_quietly(was)
+            t4 = time.perf_counter()
+            total.append((t4 - t0) * 1000)
+            fixed.append(((t1 - t0) + (t4 - t3)) * 1000)
+    finally:
+        m.close()
+    total, fixed = sorted(total[3:]), sorted(fixed[3:])
+    print("%s, the old pause: total p50 %.3f ms p90 %.3f ms; park + vCPU + devices + unpark "
+          "p50 %.3f ms" % (append, total[len(total) // 2], total[int(len(total) * 0.9)],
+                          fixed[len(fixed) // 2]))
+
+
 def wp_cost(rounds=8):
     """UFFDIO_WRITEPROTECT at the pause for scans of 64 / 1024 / 8192 pages per checkpoint
     (no hot set, no pre-copy, every run write-protected): a least-squares fit of its time
@@ -153,7 +185,10 @@ if __name__ == "__main__":
     quick = "--quick" in sys.argv
     rounds = 10 if quick else 40
     print("kernel %s" % platform.release())
-    for append, modes in (("pattern=hot wss=1000", ("copy", "hot+pre+cow")),
+    for append in ("pattern=hot wss=0", "pattern=hot wss=1000"):
+        old_pause(append, rounds=rounds)
+        pause_steps(append, "hot+pre+cow", rounds=rounds)
+    for append, modes in (("pattern=hot wss=1000", ("copy",)),
                           ("pattern=hot wss=10000", ("copy", "hot+pre+cow")),
                           ("pattern=scan wss=10000 interval=200", ("copy", "cow", "hot+pre+cow"))):
         for mode in modes:

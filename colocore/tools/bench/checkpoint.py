@@ -126,6 +126,19 @@ def _unprotected_window(console, seconds):
     return console.rate(a, b)
 
 
+def _settle(pri, delay_ms, limit_s=8.0):
+    """After protect: the first checkpoints carry what the guest wrote during the initial
+    migration (a scanning guest writes 40 MB/s), and while a checkpoint takes longer
+    than the delay the next one carries more: wait until a checkpoint's latency is back
+    under the delay (or `limit_s`), in every mode alike, before measuring."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        colo = pri.qmp("query-migrate").get("x-colo") or {}
+        if colo.get("checkpoints", 0) >= 3 and colo.get("last-latency-ms", 1e9) < max(delay_ms, 50):
+            return
+        time.sleep(0.1)
+
+
 def _guest_args(pattern, wss):
     """The dirtier's command line for a pattern (scan: wss new pages every 200 ms)."""
     return "wss=%d pattern=%s" % (wss, pattern) + (" interval=200" if pattern == "scan" else "")
@@ -157,6 +170,7 @@ def _checkpoint_one_wss(wss, delays, window_s, base_s, cycles, mem, capabilities
                     cycles, base_s)
                 base_rates.append(_unprotected_window(console, base_s))
                 protect(pri, uri, delays[0], capabilities, timeout=120, pause_mode=mode)
+                _settle(pri, delays[0])
                 for n, delay in enumerate(delays):
                     if n:
                         pri.qmp("migrate-set-parameters", {"x-checkpoint-delay": delay})
