@@ -27,6 +27,7 @@ class NodeView:
     failover: str = "?"
     peer: str = "?"
     checkpoints: int = 0
+    channel: str = ""                # the migration channel: TLS, and the peer's identity
     pid: int | None = None           # known for local nodes only
     cpu_percent: float | None = None
     rss_bytes: int | None = None

@@ -12,13 +12,16 @@ import shlex
 
 from colocore import __version__
 from colocore.errors import ColocoreError
-from colocore.migration.params import CHOICES, PARAMETERS, PARAMETER_ORDER
+from colocore.migration.params import CHOICES, PARAMETERS, PARAMETER_ORDER, TLS_PARAMETERS
 
 log = logging.getLogger("colocore.monitor")
 
 PROMPT = "(colocore) "
 BANNER = "colocore %s monitor - type 'help' for more information\r\n" % __version__
 MAX_LINE = 64 * 1024
+# Raw input held per monitor client before its socket stops being read.
+INBOX_MAX = 2 * MAX_LINE
+TOO_LONG = object()
 
 
 class HmpError(ColocoreError):
@@ -57,14 +60,25 @@ def format_migrate(info):
                   "colo last bytes: %d" % colo["last-bytes"],
                   "colo last latency: %.3f ms" % colo["last-latency-ms"],
                   "colo compression ratio: %.2f" % colo["compression-ratio"],
-                  "colo pause mode: %s" % (colo["pause-mode"] or "-"),
-                  "colo last hot pages: %d" % colo["last-hot-pages"],
-                  "colo last cow pages: %d" % colo["last-cow-pages"],
-                  "colo last wp faults: %d" % colo["last-wp-faults"],
-                  "colo last unchanged pages: %d" % colo["last-unchanged-pages"]]
+                  "colo pause mode: %s" % (colo["pause-mode"] or "-")]
+        lines += ["colo last %s: %d" % (name, colo["last-" + name.replace(" ", "-")])
+                  for name in ("hot pages", "cow pages", "wp faults", "unchanged pages")]
+    channel = info.get("x-channel")
+    if channel is not None:
+        lines.append("channel: %s" % format_channel(channel))
     if info.get("error-desc"):
         lines.append("error: %s" % info["error-desc"])
     return "\n".join(lines)
+
+
+def format_channel(channel):
+    """query-migrate's x-channel in words (the console shows the same)."""
+    if not channel.get("tls"):
+        return "plain tcp, not authenticated"
+    if not channel.get("authenticated"):
+        return "tls (%s), peer not authenticated" % channel.get("tls-version", "?")
+    return "tls (%s), peer authenticated as %s" % (channel.get("tls-version", "?"),
+                                                   channel.get("peer-identity") or "?")
 
 
 def format_capabilities(caps):
@@ -72,16 +86,12 @@ def format_capabilities(caps):
 
 
 def format_parameters(params):
-    lines = []
-    for name in PARAMETER_ORDER:
-        if name in CHOICES:
-            note = ""
-            if name == "x-colo-pause" and params.get("x-colo-pause-unavailable"):
-                note = " (no userfaultfd write-protect: %s)" % params["x-colo-pause-unavailable"]
-            lines.append("%s: %s%s" % (name, params[name], note))
-        else:
-            lines.append("%s: %d %s" % (name, params[name], PARAMETERS[name][1]))
-    return "\n".join(lines)
+    why = params.get("x-colo-pause-unavailable")      # x-colo-pause copy: no userfaultfd
+    note = {"x-colo-pause": " (no userfaultfd write-protect: %s)" % why if why else ""}
+    return "\n".join("%s: '%s'" % (name, params[name]) if name in TLS_PARAMETERS else
+                     "%s: %s%s" % (name, params[name], note.get(name, "")) if name in CHOICES else
+                     "%s: %d %s" % (name, params[name], PARAMETERS[name][1])
+                     for name in PARAMETER_ORDER)
 
 
 def format_colo(st):
@@ -209,6 +219,14 @@ class Hmp:
                 await fut
             return ""
 
+        @self.command("migrate_incoming", "uri",
+                      "start listening for an incoming migration (after --incoming defer)")
+        def _migrate_incoming(args):
+            if len(args) != 1:
+                raise HmpError("usage: migrate_incoming tcp:HOST:PORT")
+            ops.migrate_incoming(args[0])
+            return ""
+
         @self.command("migrate_set_capability", "capability state",
                       "enable/disable a migration capability (on|off)")
         def _set_cap(args):
@@ -260,42 +278,95 @@ class Hmp:
             return "Error: internal error in %s: %s" % (name, exc), False
 
 
+class LineReader:
+    """Monitor input cut into lines as they are asked for: `feed(data)` keeps the bytes,
+    `next_line()` returns the next complete line, TOO_LONG once for a line over MAX_LINE
+    (the rest of it, up to its newline, is dropped), or None when no line is complete."""
+
+    def __init__(self, max_line=MAX_LINE):
+        self.max_line = max_line
+        self.inbox = bytearray()
+        self.skipping = False
+
+    def __len__(self):
+        return len(self.inbox)
+
+    def feed(self, data):
+        self.inbox += data
+
+    def next_line(self):
+        while True:
+            if self.skipping:
+                i = self.inbox.find(b"\n")
+                if i < 0:
+                    self.inbox.clear()
+                    return None
+                del self.inbox[:i + 1]
+                self.skipping = False
+                continue
+            i = self.inbox.find(b"\n", 0, self.max_line + 1)
+            if i < 0:
+                if len(self.inbox) > self.max_line:
+                    self.skipping = True
+                    return TOO_LONG
+                return None
+            line = bytes(self.inbox[:i]).decode("utf-8", "replace").rstrip("\r")
+            del self.inbox[:i + 1]
+            return line
+
+
 class MonitorSession:
-    """One monitor client on a chardev: line in, output + prompt out."""
+    """One monitor client on a chardev: line in, output + prompt out.
+
+    Input is held as raw bytes and cut into lines only as commands are run, so a client
+    that sends faster than commands finish holds at most INBOX_MAX bytes (its socket is
+    not read meanwhile), never an unbounded queue of lines."""
 
     def __init__(self, hmp, chardev, client):
         self.hmp = hmp
         self.chardev = chardev
         self.client = client
-        self.buf = bytearray()
-        self.queue = asyncio.Queue()
+        self.lines = LineReader()
+        self.paused = False
+        self.wake = asyncio.Event()
         self.task = asyncio.ensure_future(self._run())
 
     def greet(self):
         self.chardev.write((BANNER + PROMPT).encode(), self.client)
 
     def feed(self, data):
-        self.buf += data
-        while True:
-            i = self.buf.find(b"\n")
-            if i < 0:
-                if len(self.buf) > MAX_LINE:
-                    self.buf.clear()
-                    self.queue.put_nowait(None)
-                return
-            line = bytes(self.buf[:i]).decode("utf-8", "replace").rstrip("\r")
-            del self.buf[:i + 1]
-            self.queue.put_nowait(line)
+        self.lines.feed(data)
+        t = getattr(self.client, "transport", None)
+        if t is not None and len(self.lines) > INBOX_MAX and not self.paused:
+            self.paused = True
+            t.pause_reading()
+        self.wake.set()
+
+    def _maybe_resume(self):
+        if self.paused and len(self.lines) < INBOX_MAX // 2:
+            self.paused = False
+            t = getattr(self.client, "transport", None)
+            if t is not None and not t.is_closing():
+                t.resume_reading()
 
     async def _run(self):
+        burst = 0
         while True:
-            line = await self.queue.get()
+            line = self.lines.next_line()
+            self._maybe_resume()
             if line is None:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            if line is TOO_LONG:
                 out, _ = "Error: command line too long (limit %d bytes)" % MAX_LINE, False
             else:
                 out, _ = await self.hmp.execute(line)
             text = (out + "\r\n" if out else "") + PROMPT
             self.chardev.write(text.replace("\r\n", "\n").replace("\n", "\r\n").encode(), self.client)
+            burst += 1
+            if burst % 64 == 0:
+                await asyncio.sleep(0)    # many queued lines: let the loop breathe
 
     def close(self):
         self.task.cancel()

@@ -1,6 +1,7 @@
 """Migration capabilities and parameters, in QEMU's names, order and units."""
 import logging
 
+from colocore import tls
 from colocore.errors import ColocoreError
 
 log = logging.getLogger("colocore.params")
@@ -29,9 +30,11 @@ CHOICES = {
     # pause and copied after it; copy: every dirty page is copied inside the pause
     "x-colo-pause": ("cow", "copy"),
 }
+# QEMU's string parameters of the channel's TLS (QEMU prints them quoted: tls-creds: '')
+TLS_PARAMETERS = ("tls-creds", "tls-hostname", "tls-authz")
 PARAMETER_ORDER = ("downtime-limit", "max-bandwidth", "xbzrle-cache-size",
                    "x-checkpoint-delay", "x-colo-heartbeat", "x-colo-pause",
-                   "x-colo-hot-pages", "x-colo-precopy")
+                   "x-colo-hot-pages", "x-colo-precopy") + TLS_PARAMETERS
 
 
 def parse_size(text):
@@ -49,13 +52,15 @@ def parse_size(text):
 class MigrationSettings:
     """Capabilities and parameters of one node (changed from the control thread)."""
 
-    def __init__(self, colo_supported, cow_support=(False, "not checked")):
+    def __init__(self, colo_supported, objects=None, cow_support=(False, "not checked")):
         self.colo_supported = colo_supported
+        self.objects = objects if objects is not None else tls.Objects()
         # userfaultfd write-protect (colocore_ext.capture.uffd_wp_support()): without it
         # a COLO pause copies every dirty page itself
         self.cow_supported, self.cow_reason = cow_support
         self.capabilities = {name: False for name in self.capability_names()}
         self.parameters = {name: spec[0] for name, spec in PARAMETERS.items()}
+        self.parameters.update({name: "" for name in TLS_PARAMETERS})
         self.parameters["x-colo-pause"] = "cow" if self.cow_supported else "copy"
         self.on_parameter_change = lambda name, value: None
         self._said_copy = False
@@ -110,6 +115,8 @@ class MigrationSettings:
                                     "is not available here (%s); pauses copy instead"
                                     % self.cow_reason)
             return v
+        if name in TLS_PARAMETERS:
+            return self._check_tls_parameter(name, value)
         if name not in PARAMETERS:
             raise ColocoreError("Parameter '%s' not found; known: %s"
                                 % (name, ", ".join(PARAMETER_ORDER)))
@@ -130,6 +137,40 @@ class MigrationSettings:
         v = self.check_parameter(name, value)
         self.parameters[name] = v
         self.on_parameter_change(name, v)
+
+    def _check_tls_parameter(self, name, value):
+        v = "" if value is None else value
+        if not isinstance(v, str):
+            raise ColocoreError("Parameter '%s' expects a string, got %r" % (name, value))
+        if v and name == "tls-creds":
+            self.objects.creds(v, None, "Parameter 'tls-creds'")
+        if v and name == "tls-authz":
+            self.objects.authz(v, "Parameter 'tls-authz'")
+        return v
+
+    # ---- the TLS hooks of the channel (migration/transport.py) ------------------------
+
+    def client_secure(self):
+        """The outgoing channel's TLS wrap, or None without tls-creds."""
+        creds_id = self.parameters["tls-creds"]
+        if not creds_id:
+            return None
+        creds = self.objects.creds(creds_id, "client", "migrate")
+        name = self.parameters["tls-hostname"]
+        return lambda sock, host: tls.client_wrap(sock, creds, name or host, "migrate")
+
+    def server_secure(self, what):
+        """The incoming listener's TLS wrap, or None without tls-creds."""
+        creds_id = self.parameters["tls-creds"]
+        if not creds_id:
+            return None
+        creds = self.objects.creds(creds_id, "server", what)
+        authz_id = self.parameters["tls-authz"]
+        authz = self.objects.authz(authz_id, what) if authz_id else None
+        if authz is not None and not creds.verify_peer:
+            raise ColocoreError("%s: tls-authz needs client certificates: create %s with "
+                                "verify-peer=on" % (what, creds_id))
+        return lambda sock, peer: tls.server_wrap(sock, creds, authz, peer, what)
 
 
 def pause_mode_parameters(mode):

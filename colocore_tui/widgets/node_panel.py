@@ -61,6 +61,9 @@ class NodePanel(Static):
         if view.peer not in ("?", ""):
             failover.append("  peer %s" % view.peer, style="dim")
         grid.add_row("failover", failover)
+        if view.channel:
+            secure = view.channel.startswith("tls") and "authenticated as" in view.channel
+            grid.add_row("channel", _value(view.channel, stale or ("green" if secure else "yellow")))
         if view.pid is not None:
             cpu = "-" if view.cpu_percent is None else "%.0f%%" % view.cpu_percent
             rss = "-" if view.rss_bytes is None else "%d MiB" % (view.rss_bytes >> 20)

@@ -46,8 +46,13 @@ def _alive(pid):
 
 def test_checkpoint_quick():
     rows = _bench("checkpoint", "--quick")
-    assert {(r["pattern"], r["mode"], r["wss"], r["delay_ms"]) for r in rows} == {
-        (p, m, 1000, 50) for p in ("hot", "scan") for m in ("copy", "hot+pre+cow")}
+    assert {(r["pattern"], r["mode"], r["wss"], r["delay_ms"], r["tls"]) for r in rows} == {
+        ("hot", "copy", 1000, 50, False), ("hot", "hot+pre+cow", 1000, 50, False),
+        ("hot", "hot+pre+cow", 1000, 50, True), ("scan", "copy", 1000, 50, False),
+        ("scan", "hot+pre+cow", 1000, 50, False)}
+    for r in rows:
+        if r["tls"]:       # what TLS costs, against the plain pair of the same run
+            assert r["tls_latency_vs_plain"] > 0 and r["tls_pause_vs_plain"] > 0
     for r in rows:
         for key in ("wss", "delay_ms", "pause_ms_p50", "pause_ms_p99", "memcpy_ms",
                     "progress_ratio", "bytes_per_checkpoint", "hot_pages",

@@ -4,7 +4,6 @@ from the RAM cache before the primary's pages go in, so the two copies are ident
 each checkpoint (--colo-verify compares every page). At a takeover the secondary's guest
 carries on from where it is: it never rolls back."""
 import signal
-import time
 
 from colocore.clients.kv import KvClient
 from colocore.tools.load import KeyWriter

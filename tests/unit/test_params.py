@@ -50,7 +50,7 @@ def test_parameters_are_set_all_or_nothing():
 
 
 def _ops_cow(cow_support):
-    settings = MigrationSettings(True, cow_support)
+    settings = MigrationSettings(True, cow_support=cow_support)
     migration = Migration(None, settings, lambda name, data: None, on_colo=None)
     return Commands(None, settings, migration, None, lambda name, data: None, lambda: None)
 

@@ -4,15 +4,16 @@ A primary/secondary pair on loopback runs the `dirtier` guest, in one of two wri
 patterns (`pattern`): hot (it rewrites `wss` pages per pass and prints
 `progress <passes> <guest_clock_ns>`) or scan (every 200 ms it writes the next `wss` pages
 of a ring over its RAM, pages it did not write recently, and counts units of
-computation), with the primary in one of the pause modes (`mode`, colo/checkpoint.py
-pause_mode: copy is the engine before hot pages and copy-on-write, hot+pre+cow its
-default). Per pattern, mode and working set, cycles of: the
-guest unprotected, protected at each x-checkpoint-delay, unprotected again (after a
-failover on the primary), so protected and unprotected windows alternate and share a
-noisy machine's noise. Pause and latency come from every checkpoint (`colocore run
---stats-file`); the limit is a memcpy of as many pages, timed in this process in the same
-run. The guest clock is host CLOCK_MONOTONIC, so windows are chosen on
-time.monotonic_ns() and rates are computed from the numbers inside the console lines:
+computation), with the primary in a pause mode (`mode`, colo/checkpoint.py pause_mode:
+copy is the engine before hot pages and copy-on-write, hot+pre+cow its default) and a
+plain or a TLS channel (`tls`: TLS pairs run in the default mode, hot pattern). Per
+pattern and working set, cycles of: the guest unprotected, protected at each
+x-checkpoint-delay, unprotected again (after a failover on the primary), each mode and
+channel taking its turn within a cycle, so protected and unprotected windows alternate
+and share a noisy machine's noise. Pause and latency come from every checkpoint
+(`colocore run --stats-file`); the limit is a memcpy of as many pages, timed in this
+process in the same run. The guest clock is host CLOCK_MONOTONIC, so windows are chosen
+on time.monotonic_ns() and rates are computed from the numbers inside the console lines:
 protected output is held until the secondary acknowledged the checkpoint (output
 commit) and arrives in bursts.
 """
@@ -21,6 +22,7 @@ import os
 import platform
 import socket
 import statistics
+import tempfile
 import threading
 import time
 
@@ -28,6 +30,7 @@ from colocore.clients import connect
 from colocore.errors import ColocoreError
 from colocore.migration.params import pause_mode_parameters
 from colocore.tools.bench.common import memcpy_ms, say
+from colocore.tools.pki import make_pki
 from colocore.tools.procs import NodeSet, free_port, protect, wait_until
 from colocore.tools.stats import percentile
 
@@ -37,6 +40,7 @@ PATTERNS = ("hot", "scan")
 # copy: the engine before issue 15 (every dirty page copied and re-protected in the
 # pause); hot+pre+cow: the engine's default
 MODES = ("copy", "hot+pre+cow")
+DEFAULT_MODE = "hot+pre+cow"
 SCAN_WSS = (1000, 10000)
 
 
@@ -126,6 +130,11 @@ def _unprotected_window(console, seconds):
     return console.rate(a, b)
 
 
+def _guest_args(pattern, wss):
+    """The dirtier's command line for a pattern (scan: wss new pages every 200 ms)."""
+    return "wss=%d pattern=%s" % (wss, pattern) + (" interval=200" if pattern == "scan" else "")
+
+
 def _settle(pri, delay_ms, limit_s=8.0):
     """After protect: the first checkpoints carry what the guest wrote during the initial
     migration (a scanning guest writes 40 MB/s), and while a checkpoint takes longer
@@ -139,94 +148,156 @@ def _settle(pri, delay_ms, limit_s=8.0):
         time.sleep(0.1)
 
 
-def _guest_args(pattern, wss):
-    """The dirtier's command line for a pattern (scan: wss new pages every 200 ms)."""
-    return "wss=%d pattern=%s" % (wss, pattern) + (" interval=200" if pattern == "scan" else "")
+def _start_pair(nodes, pattern, wss, mem, stats, tls_dirs):
+    """A secondary waiting on loopback and a dirtier primary; with tls_dirs (a PKI from
+    tools/pki.py) the channel is TLS with mutual authentication, as an operator sets it
+    up: --incoming defer, tls-creds, then migrate-incoming."""
+    uri = "tcp:127.0.0.1:%d" % free_port()
+    pri_args = ["--kernel", "dirtier", "--append", _guest_args(pattern, wss), "-m", mem,
+                "--stats-file", stats]
+    if tls_dirs is None:
+        sec = nodes.start("secondary", ["-m", mem, "--incoming", uri])
+        pri = nodes.start("primary", pri_args)
+        sec.wait_monitor()
+        pri.wait_monitor()
+        return sec, pri, uri
+    sec = nodes.start("secondary", ["-m", mem, "--incoming", "defer", "--object",
+                                    "tls-creds-x509,id=tls0,dir=%s,endpoint=server" % tls_dirs["server"]])
+    pri = nodes.start("primary", pri_args + ["--object", "tls-creds-x509,id=tls0,dir=%s,endpoint=client"
+                                             % tls_dirs["client"]])
+    sec.qmp("migrate-set-parameters", {"tls-creds": "tls0"})
+    sec.qmp("migrate-incoming", {"uri": uri})
+    pri.qmp("migrate-set-parameters", {"tls-creds": "tls0"})
+    return sec, pri, uri
 
 
-def _checkpoint_one_wss(wss, delays, window_s, base_s, cycles, mem, capabilities,
-                        pattern="hot", mode="copy"):
+def _checkpoint_one_wss(pattern, wss, variants, delays, window_s, base_s, cycles, mem,
+                        capabilities, pki_dir):
     """Cycles of U P200 P25 U, where U is unprotected and P protected at one delay: a
     fresh pair per cycle, the primary failing over at the end of it, so unprotected and
-    protected windows of the same guest alternate and share the machine's noise."""
-    base_rates = []
-    protected = {d: [] for d in delays}        # delay -> [passes/s per window]
-    checkpoints = {d: [] for d in delays}
-    what = "%s wss=%d %s" % (pattern, wss, mode)
+    protected windows of the same guest alternate and share the machine's noise. (One
+    guest cannot be protected twice yet: see docs/benchmarks.md.) Within a cycle each
+    variant (pause mode, TLS or plain) takes its turn, so they are compared in the same
+    run."""
+    base_rates = {v: [] for v in variants}
+    protected = {(v, d): [] for v in variants for d in delays}   # passes/s per window
+    checkpoints = {(v, d): [] for v in variants for d in delays}
+    tls_dirs = make_pki(pki_dir) if any(tls for mode, tls in variants) else None
     for cycle in range(cycles):
-        with NodeSet() as nodes:
-            stats = os.path.join(nodes.workdir, "checkpoints.jsonl")
-            uri = "tcp:127.0.0.1:%d" % free_port()
-            sec = nodes.start("secondary", ["-m", mem, "--incoming", uri])
-            pri = nodes.start("primary", ["--kernel", "dirtier", "--append", _guest_args(pattern, wss),
-                                          "-m", mem, "--stats-file", stats])
-            sec.wait_monitor()
-            pri.wait_monitor()
-            console = ConsoleLines(pri.console)
-            try:
-                console.wait_past(time.monotonic_ns())          # the guest runs
-                time.sleep(0.3)
-                say("checkpoint: %s (cycle %d/%d): unprotected %.0f s", what, cycle + 1,
-                    cycles, base_s)
-                base_rates.append(_unprotected_window(console, base_s))
-                protect(pri, uri, delays[0], capabilities, timeout=120, pause_mode=mode)
-                _settle(pri, delays[0])
-                for n, delay in enumerate(delays):
-                    if n:
-                        pri.qmp("migrate-set-parameters", {"x-checkpoint-delay": delay})
-                    time.sleep(max(0.5, 3 * delay / 1000.0))     # settle on the new rate
-                    say("checkpoint: %s delay=%d ms: protected %.0f s", what, delay, window_s)
-                    a, a_wall = time.monotonic_ns(), time.time()
-                    time.sleep(window_s)
-                    b, b_wall = time.monotonic_ns(), time.time()
-                    console.wait_past(b)
-                    protected[delay].append(console.rate(a, b))
-                    checkpoints[delay] += read_stats(stats, a_wall, b_wall)
-                say("checkpoint: %s: failover on the primary, unprotected %.0f s", what, base_s)
-                pri.qmp("x-colo-lost-heartbeat")
-                wait_until(pri, "query-colo-status", lambda d: d["mode"] == "none", "COLO's end")
-                sec.stop()
-                time.sleep(0.3)
-                base_rates.append(_unprotected_window(console, base_s))
-            finally:
-                console.close()
+        for v in variants:
+            mode, tls = v
+            _one_cycle(pattern, wss, mode, delays, window_s, base_s, cycle, cycles, mem,
+                       capabilities, tls_dirs if tls else None, base_rates[v],
+                       {d: protected[(v, d)] for d in delays},
+                       {d: checkpoints[(v, d)] for d in delays})
     return base_rates, protected, checkpoints
 
 
+def _one_cycle(pattern, wss, mode, delays, window_s, base_s, cycle, cycles, mem, capabilities,
+               tls_dirs, base_rates, protected, checkpoints):
+    label = "%s wss=%d %s%s" % (pattern, wss, mode, " tls" if tls_dirs else "")
+    with NodeSet() as nodes:
+        stats = os.path.join(nodes.workdir, "checkpoints.jsonl")
+        sec, pri, uri = _start_pair(nodes, pattern, wss, mem, stats, tls_dirs)
+        console = ConsoleLines(pri.console)
+        try:
+            console.wait_past(time.monotonic_ns())          # the guest runs
+            time.sleep(0.3)
+            say("checkpoint: %s (cycle %d/%d): unprotected %.0f s", label, cycle + 1,
+                cycles, base_s)
+            base_rates.append(_unprotected_window(console, base_s))
+            protect(pri, uri, delays[0], capabilities, timeout=120, pause_mode=mode)
+            if tls_dirs and not pri.qmp("query-migrate").get("x-channel", {}).get("authenticated"):
+                raise ColocoreError("the TLS pair's channel is not authenticated")
+            _settle(pri, delays[0])
+            for n, delay in enumerate(delays):
+                if n:
+                    pri.qmp("migrate-set-parameters", {"x-checkpoint-delay": delay})
+                time.sleep(max(0.5, 3 * delay / 1000.0))     # settle on the new rate
+                say("checkpoint: %s delay=%d ms: protected %.0f s", label, delay, window_s)
+                a, a_wall = time.monotonic_ns(), time.time()
+                time.sleep(window_s)
+                b, b_wall = time.monotonic_ns(), time.time()
+                console.wait_past(b)
+                protected[delay].append(console.rate(a, b))
+                checkpoints[delay] += read_stats(stats, a_wall, b_wall)
+            say("checkpoint: %s: failover on the primary, unprotected %.0f s", label, base_s)
+            pri.qmp("x-colo-lost-heartbeat")
+            wait_until(pri, "query-colo-status", lambda d: d["mode"] == "none", "COLO's end")
+            sec.stop()
+            time.sleep(0.3)
+            base_rates.append(_unprotected_window(console, base_s))
+        finally:
+            console.close()
+
+
 def bench_checkpoint(wss_list=WSS, delays=DELAYS, window_s=3.0, base_s=2.0, cycles=3,
-                     mem="256M", capabilities=("compress",), patterns=PATTERNS, modes=MODES,
-                     scan_wss=SCAN_WSS):
+                     mem="256M", capabilities=("compress",), tls_modes=(False, True),
+                     tls_wss=None, patterns=PATTERNS, modes=MODES, scan_wss=SCAN_WSS):
+    """tls_modes: plain and/or TLS pairs (rows carry `tls`; TLS runs in the engine's default
+    pause mode, hot pattern); tls_wss: the working sets measured with TLS too (default:
+    all of them); patterns, modes: the guest's write patterns and the primary's pause
+    modes (rows carry `pattern` and `mode`)."""
     rows = []
     limits = {}
-    for pattern in patterns:
-        for wss in (wss_list if pattern == "hot" else scan_wss):
-            if wss not in limits:
-                say("checkpoint: wss=%d: memcpy reference", wss)
-                limits[wss] = memcpy_ms(wss)
-            limit = limits[wss]
-            for mode in modes:
+    with tempfile.TemporaryDirectory(prefix="colocore-pki-") as pki_dir:
+        for pattern in patterns:
+            for wss in (wss_list if pattern == "hot" else scan_wss):
+                if wss not in limits:
+                    say("checkpoint: wss=%d: memcpy reference", wss)
+                    limits[wss] = memcpy_ms(wss)
+                limit = limits[wss]
+                variants = []
+                for mode in modes:
+                    if False in tls_modes:
+                        variants.append((mode, False))
+                    if True in tls_modes and mode == DEFAULT_MODE and pattern == "hot" and \
+                            (tls_wss is None or wss in tls_wss):
+                        variants.append((mode, True))
+                if not variants:
+                    continue
                 base_rates, protected, checkpoints = _checkpoint_one_wss(
-                    wss, delays, window_s, base_s, cycles, mem, capabilities, pattern, mode)
-                base = statistics.mean(base_rates)
-                for delay in delays:
-                    cps = checkpoints[delay]
-                    if not cps:
-                        raise ColocoreError("no checkpoints recorded at %s wss=%d %s delay=%d"
-                                            % (pattern, wss, mode, delay))
-                    row = _checkpoint_row(pattern, mode, wss, delay, cps, capabilities, limit,
-                                          statistics.mean(protected[delay]), base,
-                                          protected[delay], base_rates, window_s * cycles)
-                    rows.append(row)
-                    say("checkpoint: %s wss=%d %s delay=%d: pause p50 %.2f ms p99 %.2f ms "
-                        "(memcpy %.3f ms), hot %d, wp faults %.1f, %d B/checkpoint, progress %.3f",
-                        pattern, wss, mode, delay, row["pause_ms_p50"], row["pause_ms_p99"],
-                        limit, row["hot_pages"], row["wp_faults_per_checkpoint"],
-                        row["bytes_per_checkpoint"], row["progress_ratio"])
+                    pattern, wss, variants, delays, window_s, base_s, cycles, mem,
+                    capabilities, pki_dir)
+                plain = {}
+                for v in variants:
+                    mode, tls = v
+                    base = statistics.mean(base_rates[v])
+                    for delay in delays:
+                        row = _row(pattern, mode, wss, delay, tls, capabilities,
+                                   checkpoints[(v, delay)], protected[(v, delay)],
+                                   base_rates[v], base, limit, window_s, cycles)
+                        if not tls:
+                            plain[(mode, delay)] = row
+                        elif (mode, delay) in plain:
+                            # what TLS costs, against the plain pair of the same run
+                            p = plain[(mode, delay)]
+                            row["tls_pause_vs_plain"] = _ratio(row["pause_ms_p50"], p["pause_ms_p50"])
+                            row["tls_latency_vs_plain"] = _ratio(row["latency_ms_p50"],
+                                                                 p["latency_ms_p50"])
+                            row["tls_progress_vs_plain"] = _ratio(row["progress_ratio"],
+                                                                  p["progress_ratio"])
+                        rows.append(row)
+                        say("checkpoint: %s wss=%d %s delay=%d%s: pause p50 %.2f ms p99 %.2f ms "
+                            "(memcpy %.3f ms), latency p50 %.2f ms, hot %d, wp faults %.1f, "
+                            "%d B/checkpoint, progress %.3f", pattern, wss, mode, delay,
+                            " tls" if tls else "", row["pause_ms_p50"], row["pause_ms_p99"],
+                            limit, row["latency_ms_p50"], row["hot_pages"],
+                            row["wp_faults_per_checkpoint"], row["bytes_per_checkpoint"],
+                            row["progress_ratio"])
     return rows
 
 
-def _checkpoint_row(pattern, mode, wss, delay, cps, capabilities, limit, rate, base,
-                    rates_protected, rates_unprotected, seconds):
+def _ratio(a, b):
+    return round(a / b, 3) if b else None
+
+
+def _row(pattern, mode, wss, delay, tls, capabilities, cps, rates, base_rates, base, limit,
+         window_s, cycles):
+    if not cps:
+        raise ColocoreError("no checkpoints recorded at %s wss=%d %s delay=%d%s"
+                            % (pattern, wss, mode, delay, " tls" if tls else ""))
+    rate = statistics.mean(rates)
     pauses = [c["pause-ms"] for c in cps]
     lat = [c["latency-ms"] for c in cps]
     sent = sum(c["bytes"] for c in cps)
@@ -239,9 +310,9 @@ def _checkpoint_row(pattern, mode, wss, delay, cps, capabilities, limit, rate, b
     return {
         "pattern": pattern, "mode": mode, "modes_used": sorted({c.get("mode", "?") for c in cps}),
         "kernel": platform.release(),
-        "wss": wss, "delay_ms": delay, "capabilities": list(capabilities),
+        "wss": wss, "delay_ms": delay, "tls": tls, "capabilities": list(capabilities),
         "checkpoints": len(cps),
-        "checkpoints_per_s": round(len(cps) / seconds, 2),
+        "checkpoints_per_s": round(len(cps) / (window_s * cycles), 2),
         "pause_ms_p50": round(percentile(pauses, 50), 3),
         "pause_ms_p90": round(percentile(pauses, 90), 3),
         "pause_ms_p99": round(percentile(pauses, 99), 3),
@@ -259,15 +330,15 @@ def _checkpoint_row(pattern, mode, wss, delay, cps, capabilities, limit, rate, b
         "memcpy_ms": round(limit, 4),
         "pause_vs_memcpy": round(percentile(pauses, 50) / limit, 2) if limit else None,
         "progress_ratio": round(rate / base, 4) if base else 0.0,
-        "rate_protected": [round(r, 1) for r in rates_protected],
-        "rate_unprotected": [round(r, 1) for r in rates_unprotected],
+        "rate_protected": [round(r, 1) for r in rates],
+        "rate_unprotected": [round(r, 1) for r in base_rates],
     }
 
 
 def format(rows):
-    head = ("%-5s %-12s %6s %6s %5s %7s %7s %7s %8s %8s %6s %7s %9s %7s %8s %6s"
-            % ("pat", "mode", "wss", "delay", "ckpts", "p50", "p90", "p99", "lat p50", "memcpy",
-               "hot", "faults", "B/ckpt", "compr", "progress", "noise"))
+    head = ("%-5s %-12s %6s %6s %4s %5s %7s %7s %7s %8s %8s %6s %7s %9s %7s %8s %6s %9s"
+            % ("pat", "mode", "wss", "delay", "tls", "ckpts", "p50", "p90", "p99", "lat p50",
+               "memcpy", "hot", "faults", "B/ckpt", "compr", "progress", "noise", "lat/plain"))
     caps = ",".join(rows[0]["capabilities"]) if rows else ""
     lines = ["colocore checkpoint benchmark (pause and latency in ms; progress = protected / "
              "unprotected guest rate; noise = spread of the unprotected windows; hot = hot "
@@ -278,21 +349,22 @@ def format(rows):
         noise = (max(u) - min(u)) / statistics.mean(u) if u else 0.0
         mode = r["mode"] if r["modes_used"] == [r["mode"]] else \
             "%s(%s)" % (r["mode"], "/".join(r["modes_used"]))
-        lines.append("%-5s %-12s %6d %6d %5d %7.2f %7.2f %7.2f %8.2f %8.3f %6d %7.1f %9d %7.1f %8.3f %5.0f%%" % (
-            r["pattern"], mode, r["wss"], r["delay_ms"], r["checkpoints"], r["pause_ms_p50"],
-            r["pause_ms_p90"], r["pause_ms_p99"], r["latency_ms_p50"], r["memcpy_ms"],
-            r["hot_pages"], r["wp_faults_per_checkpoint"], r["bytes_per_checkpoint"],
-            r["compression_ratio"], r["progress_ratio"], 100 * noise))
+        lines.append("%-5s %-12s %6d %6d %4s %5d %7.2f %7.2f %7.2f %8.2f %8.3f %6d %7.1f %9d %7.1f %8.3f %5.0f%% %9s" % (
+            r["pattern"], mode, r["wss"], r["delay_ms"], "on" if r.get("tls") else "off",
+            r["checkpoints"], r["pause_ms_p50"], r["pause_ms_p90"], r["pause_ms_p99"],
+            r["latency_ms_p50"], r["memcpy_ms"], r["hot_pages"], r["wp_faults_per_checkpoint"],
+            r["bytes_per_checkpoint"], r["compression_ratio"], r["progress_ratio"], 100 * noise,
+            "%.2fx" % r["tls_latency_vs_plain"] if r.get("tls_latency_vs_plain") else "-"))
     lines.append("")
     lines += checkpoint_targets(rows)
     return "\n".join(lines)
 
 
-def checkpoint_targets(rows, mode="hot+pre+cow"):
-    """Issue 15's goals, for the rows of the engine's default mode."""
+def checkpoint_targets(rows, mode=DEFAULT_MODE):
+    """Issue 15's goals, for the plain rows of the engine's default mode."""
     out = []
     for r in rows:
-        if r["mode"] != mode:
+        if r["mode"] != mode or r.get("tls"):
             continue
         key = (r["pattern"], r["wss"], r["delay_ms"])
         want = {("hot", 10000, 200): 0.95, ("hot", 10000, 25): 0.9, ("hot", 1000, 25): 0.97,
@@ -318,6 +390,7 @@ def _csv(text, kind=str):
 
 def run(args):
     caps = _csv(args.capabilities)
+    tls_modes = {"both": (False, True), "on": (True,), "off": (False,)}[getattr(args, "tls", "both")]
     patterns = _csv(getattr(args, "patterns", None)) or PATTERNS
     modes = _csv(getattr(args, "modes", None)) or MODES
     for p in patterns:
@@ -325,7 +398,7 @@ def run(args):
             raise ColocoreError("unknown pattern %r; use %s" % (p, ",".join(PATTERNS)))
     for m in modes:
         pause_mode_parameters(m)               # a clear error for a bad name
-    kw = {"capabilities": caps, "patterns": patterns, "modes": modes}
+    kw = {"capabilities": caps, "tls_modes": tls_modes, "patterns": patterns, "modes": modes}
     if args.quick:
         kw.update(wss_list=(1000,), scan_wss=(1000,), delays=(50,), window_s=1.0,
                   base_s=0.7, cycles=1)
