@@ -72,7 +72,8 @@ def test_checkpoint_quick():
     # every pass of the guest rewrites its 1,000 pages: each checkpoint carries them all,
     # and the default mode keeps them writable
     assert all(r["dirty_pages_p50"] >= 1000 for r in hot)
-    assert [r["hot_pages"] >= 1000 for r in hot if r["mode"] != "copy"] == [True]
+    kept = [r["hot_pages"] for r in hot if r["mode"] != "copy"]
+    assert len(kept) == 2 and min(kept) >= 1000, kept
     assert all(r["bytes_per_checkpoint"] > 1000 * 4096 // 2 or r["compression_ratio"] > 1.5
                for r in hot)
 
