@@ -8,6 +8,16 @@ links, so that replication crosses a real network path that tests can cut.
         ... run nodes with argv prefix lab.exec_prefix(a) ...
         lab.set_link(a, up=False)      # a partition
 
+Three or more hosts that must be cut apart pair by pair (primary, secondary, etcd) are
+joined by `mesh()`: one veth pair per pair of hosts, each host's address on its loopback
+and a host route to every peer over their own link, so `cut(a, b)` parts exactly those
+two and `isolate(a)` cuts a host from everyone:
+
+    p, s, e = lab.host("p", "10.77.0.1"), lab.host("s", "10.77.0.2"), lab.host("e", "10.77.0.3")
+    lab.mesh(p, s, e)
+    lab.cut(p, s)                  # p and s no longer reach each other; both reach e
+    lab.heal(p, s)
+
 Every namespace and link the lab creates is deleted on close, also after a failure.
 Needs root (CAP_NET_ADMIN).
 """
@@ -23,6 +33,7 @@ class Host:
         self.ns = ns
         self.address = address
         self.ifname = None
+        self.mesh_links = {}        # peer Host -> our end of the veth pair to it
 
 
 class Lab:
@@ -60,6 +71,64 @@ class Lab:
         """Bring a host's end of its link up or down (down = a network partition)."""
         with NetNS(host.ns) as n:
             n.link("set", index=n.link_lookup(ifname=host.ifname)[0], state="up" if up else "down")
+
+    def mesh(self, *hosts):
+        """A veth pair between every two of `hosts`. Each host's address lives on its
+        loopback (/32) and reaches each peer by a host route over their own link, so a
+        link down parts exactly two hosts and nothing reroutes around it."""
+        tag = os.getpid() % 10000
+        for i, a in enumerate(hosts):
+            with NetNS(a.ns) as n:
+                n.addr("add", index=n.link_lookup(ifname="lo")[0], address=a.address, prefixlen=32)
+        for i, a in enumerate(hosts):
+            for j in range(i + 1, len(hosts)):
+                b = hosts[j]
+                # both ends are created in this namespace before they move: unique names
+                ends = {a: "m%04d%d%d" % (tag, i, j), b: "m%04d%d%d" % (tag, j, i)}
+                with IPRoute() as ipr:
+                    ipr.link("add", ifname=ends[a], kind="veth",
+                             peer={"ifname": ends[b], "net_ns_fd": b.ns})
+                    ipr.link("set", index=ipr.link_lookup(ifname=ends[a])[0], net_ns_fd=a.ns)
+                for me, peer in ((a, b), (b, a)):
+                    me.mesh_links[peer] = ends[me]
+                    with NetNS(me.ns) as n:
+                        idx = n.link_lookup(ifname=ends[me])[0]
+                        n.link("set", index=idx, state="up")
+                        # on-link host route: the peer answers ARP for its loopback address
+                        n.route("add", dst="%s/32" % peer.address, oif=idx, prefsrc=me.address,
+                                scope=253)
+
+    def _mesh_state(self, a, b, up):
+        if b not in a.mesh_links:
+            raise ColocoreError("hosts %s and %s are not joined by mesh()" % (a.ns, b.ns))
+        for me, peer in ((a, b), (b, a)):
+            with NetNS(me.ns) as n:
+                idx = n.link_lookup(ifname=me.mesh_links[peer])[0]
+                n.link("set", index=idx, state="up" if up else "down")
+                if up:
+                    # a link brought down loses its routes: put the host route back
+                    try:
+                        n.route("add", dst="%s/32" % peer.address, oif=idx,
+                                prefsrc=me.address, scope=253)
+                    except Exception as exc:  # noqa: BLE001 - only "exists" is expected
+                        if "exists" not in str(exc).lower():
+                            raise
+
+    def cut(self, a, b):
+        """A partition between two mesh hosts: both ends of their link go down."""
+        self._mesh_state(a, b, up=False)
+
+    def heal(self, a, b):
+        self._mesh_state(a, b, up=True)
+
+    def isolate(self, host):
+        """Cut `host` from every mesh peer (its machine is unplugged)."""
+        for peer in list(host.mesh_links):
+            self.cut(host, peer)
+
+    def rejoin(self, host):
+        for peer in list(host.mesh_links):
+            self.heal(host, peer)
 
     @staticmethod
     def exec_prefix(host):
