@@ -7,15 +7,15 @@ PYTHON ?= python3
 SOURCES := setup.py pyproject.toml $(wildcard colocore_ext/*.pyx colocore_ext/*.pxd guests/*.c guests/*.S guests/*.h guests/*.ld guests/*.py)
 PYTEST_ARGS ?=
 
-.PHONY: all install demo test bench clean
+.PHONY: all install demo test bench clean etcd
 
 all: install
 
-$(VENV)/.deps:
+$(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q cython setuptools wheel textual psutil lz4 pyroute2 \
-		pytest pytest-timeout hypothesis qemu.qmp pytest-textual-snapshot
+		pytest pytest-timeout hypothesis qemu.qmp pytest-textual-snapshot etcd3gw
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
@@ -24,10 +24,18 @@ $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
 
 install: $(VENV)/.installed
 
-demo: install
+# The arbiter's tests, its benchmark and `make demo` run their own etcd (Debian's
+# etcd-server 3.4) as a child process; install the package where it is missing.
+etcd:
+	@command -v etcd >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null); \
+		else echo "etcd is missing (the arbiter tests need it): run 'apt-get install etcd-server etcd-client' as root" >&2; fi; }
+
+demo: install etcd
 	$(VENV)/bin/colocore demo
 
-test: install
+test: install etcd
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
 
 bench: install
