@@ -21,11 +21,43 @@ two and `isolate(a)` cuts a host from everyone:
 Every namespace and link the lab creates is deleted on close, also after a failure.
 Needs root (CAP_NET_ADMIN).
 """
+import contextlib
+import ctypes
 import os
 
 from pyroute2 import IPRoute, NetNS, netns
 
 from .errors import ColocoreError
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd):
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "setns: %s" % os.strerror(err))
+
+
+@contextlib.contextmanager
+def inside(host):
+    """Sockets this *thread* creates in the block belong to `host`'s namespace (setns acts
+    on the calling thread only; other threads stay where they are). A client thread of a
+    test can so live on a test host without a process of its own."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open("/run/netns/%s" % host.ns, os.O_RDONLY)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield host
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
 
 
 class Host:

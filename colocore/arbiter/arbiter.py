@@ -69,6 +69,9 @@ class Arbiter:
         self.fence = FencingClock(clock)
         self.on_lost = on_lost or (lambda reason: None)
         self.on_change = on_change or (lambda status: None)
+        # called on the arbiter thread whenever the fence may have reopened (a renewal, a
+        # key won): output held while it was closed can go out now
+        self.on_renewed = lambda: None
         self.health = Health.HEALTHY
         self.role = "none"              # none, serving, secondary, standby
         self.phase = ""
@@ -167,6 +170,7 @@ class Arbiter:
             self._set_health(Health.HEALTHY)
         self._start_thread()
         self._changed()
+        self.on_renewed()
 
     # ---- serving: the lineage (pair) ------------------------------------------------
 
@@ -261,6 +265,7 @@ class Arbiter:
         if ttl > 0:
             self.fence.renewed(t0, ttl)
             self._set_health(Health.HEALTHY)
+            self.on_renewed()
             return
         # etcd says the lease is gone: it expired while we could not reach etcd
         self.fence.expire()
@@ -293,6 +298,7 @@ class Arbiter:
             self._set_health(Health.HEALTHY)
             log.info("arbiter %s: won the key back (lease %x)", key, lid)
             self._changed()
+            self.on_renewed()
             return
         self.etcd.revoke(lid)
         holder = E.Etcd.range_result(resp[0]) if resp else None
