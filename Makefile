@@ -4,22 +4,25 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-SOURCES := setup.py pyproject.toml $(wildcard colocore_ext/*.pyx colocore_ext/*.pxd guests/*.c guests/*.S guests/*.h guests/*.ld guests/*.py)
+SOURCES := setup.py pyproject.toml constraints.txt $(wildcard colocore_ext/*.pyx colocore_ext/*.pxd guests/*.c guests/*.S guests/*.h guests/*.ld guests/*.py)
 PYTEST_ARGS ?=
 
 .PHONY: all install demo test bench clean etcd
 
 all: install
 
-$(VENV)/.deps: Makefile
+# What colocore needs is declared once: pyproject.toml's build-system (to build) and
+# setup.py's install_requires and "test" extra (to run and test); constraints.txt pins the
+# versions it was tested with.
+$(VENV)/.deps: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q cython setuptools wheel textual psutil lz4 pyroute2 \
-		pytest pytest-timeout hypothesis qemu.qmp pytest-textual-snapshot etcd3gw
+	$(PY) -m pip install -q -c constraints.txt $$($(PY) -c 'import tomllib; \
+		print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m pip install -q --no-build-isolation -c constraints.txt -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -34,6 +37,7 @@ etcd:
 
 demo: install etcd
 	$(VENV)/bin/colocore demo
+	$(VENV)/bin/colocore demo --auto
 
 test: install etcd
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests

@@ -69,16 +69,16 @@ setup(
     name="colocore",
     version="0.1.0",
     description="COLO-style fault tolerance for KVM guests: a micro-VMM, checkpoints, failover",
-    # every package under colocore/ (a hand-kept list once left colocore.devices out of
-    # non-editable installs), plus the console, installed as colocore_tui
-    packages=find_packages(include=["colocore", "colocore.*", "colocore_ext"]) + ["colocore_tui"],
-    package_dir={"colocore_tui": "tui"},
+    # every package found (a hand-kept list once left colocore.devices out of
+    # non-editable installs)
+    packages=find_packages(include=["colocore", "colocore.*", "colocore_ext",
+                                    "colocore_tui", "colocore_tui.*"]),
     package_data={"colocore.guests": ["*.elf"], "colocore_ext": ["*.pyi", "*.pxd"],
                   "colocore_tui": ["*.tcss"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtWithGuests, "build_py": BuildPyWithGuests},
     python_requires=">=3.11",
-    install_requires=["textual", "psutil", "lz4", "pyroute2", "etcd3gw"],
+    install_requires=["textual", "psutil", "lz4", "pyroute2", "etcd3gw", "requests"],
     extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "qemu.qmp",
                              "pytest-textual-snapshot"]},
     entry_points={"console_scripts": ["colocore=colocore.cli:main",

@@ -4,7 +4,8 @@ import asyncio
 import logging
 import sys
 
-from .errors import ColocoreError
+from colocore.errors import ColocoreError
+from colocore.tools.bench import BENCHMARKS
 
 
 def _run_parser(sub):
@@ -24,6 +25,9 @@ def _run_parser(sub):
                    help="debug: compare page hashes of secondary and primary at every checkpoint")
     p.add_argument("--stats-file", metavar="PATH",
                    help="append one JSON line per COLO checkpoint (pause, pages, bytes) to PATH")
+    p.add_argument("--arbiter", metavar="etcd:URL,key=KEY[,ttl=MS][,role=serve|standby][,protect=auto|manual]",
+                   help="let an etcd lease on KEY decide who serves: automatic failover "
+                        "without split brain, standbys, re-protection (README: Arbiter)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -35,20 +39,35 @@ def _setup_logging(level, name=None):
 
 
 def cmd_run(args):
-    from .node import Node
+    from colocore.control.node import Node
     _setup_logging(args.log_level, args.name)
     try:
         node = Node(args)
         asyncio.run(node.run())
     except ColocoreError as exc:
         print("colocore: %s" % exc, file=sys.stderr)
-        return 1
+        return getattr(exc, "exit_status", 1)
     except OSError as exc:
         # KvmError and friends already carry an actionable message
         print("colocore: %s" % (exc.strerror if exc.strerror else exc), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    return node.exit_status
+
+
+def cmd_protect(args):
+    from colocore.clients.qmp import QmpClient
+    try:
+        c = QmpClient(args.address)
+        try:
+            out = c.execute("x-colo-protect", {"standby": args.standby} if args.standby else {})
+        finally:
+            c.close()
+    except ColocoreError as exc:
+        print("colocore protect: %s" % exc, file=sys.stderr)
+        return 1
+    print("protecting onto standby %s at %s" % (out["standby"], out["uri"]))
     return 0
 
 
@@ -63,38 +82,47 @@ def main(argv=None):
     d.add_argument("--snapshot", action="store_true",
                    help="the single-node job instead: save to a file, restore, check")
     d.add_argument("--json", action="store_true", help="one JSON object per step")
+    d.add_argument("--auto", action="store_true",
+                   help="under an etcd arbiter: automatic failover, then re-protection onto a standby")
+    pr = sub.add_parser("protect", help="protect a node serving alone onto a registered standby")
+    pr.add_argument("address", help="the serving node's QMP socket, unix:PATH or tcp:HOST:PORT")
+    pr.add_argument("--standby", help="a standby's name or id (default: the one listed first)")
     mon = sub.add_parser("monitor", help="talk to a node's HMP monitor")
     mon.add_argument("address", help="unix:PATH or tcp:HOST:PORT")
     mon.add_argument("command", nargs="*")
     sc = sub.add_parser("script", help="run a scenario against nodes, headless (JSON lines out)")
     sc.add_argument("file", help="the scenario file, or - for stdin")
     sc.add_argument("--workdir", help="where started nodes keep sockets and logs (default: a temp dir)")
-    b = sub.add_parser("bench", help="benchmarks")
-    b.add_argument("what", choices=["pipeline", "checkpoint", "failover", "migrate"])
+    b = sub.add_parser("bench", help="benchmarks (figures as ratios to a reference measured "
+                                     "in the same run)")
+    b.add_argument("what", choices=BENCHMARKS)
     b.add_argument("--json", action="store_true")
-    b.add_argument("--trials", type=int, default=20, help="failover: number of trials")
+    b.add_argument("--trials", type=int, default=None,
+                   help="failover: number of trials (20); partitions: cuts and heals (50)")
+    b.add_argument("--seed", type=int, help="partitions: the random seed (default: random)")
+    b.add_argument("--ttl", type=int, default=1000, help="partitions: the lease in ms")
     b.add_argument("--capabilities", default="compress", metavar="CAP,...",
                    help="checkpoint: migration capabilities of the primary (default compress)")
+    b.add_argument("--no-harvest", action="store_true",
+                   help="pipeline: skip the dirty-log harvest (needs /dev/kvm and 4 GiB)")
     b.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # smoke tests
     args = parser.parse_args(argv)
     if args.cmd == "run":
         return cmd_run(args)
     if args.cmd == "demo":
-        from . import demo
+        from colocore.tools import demo
         return demo.main(args)
     if args.cmd == "monitor":
-        from . import monitor_client
-        return monitor_client.main(args)
+        from colocore.clients import hmp
+        return hmp.main(args)
     if args.cmd == "script":
-        from . import script
+        from colocore.tools import script
         return script.main(args)
+    if args.cmd == "protect":
+        return cmd_protect(args)
     if args.cmd == "bench":
-        if args.what != "pipeline":
-            from . import bench_colo
-            return bench_colo.main(args.what, json_out=args.json, trials=args.trials,
-                                   quick=args.quick, capabilities=args.capabilities)
-        from . import bench_pipeline
-        return bench_pipeline.main(["--json"] if args.json else [])
+        from colocore.tools import bench
+        return bench.main(args)
     return 2
 
 

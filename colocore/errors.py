@@ -15,3 +15,13 @@ class ChardevError(ColocoreError):
 
 class GuestImageError(ColocoreError):
     """A kernel that is not a loadable Multiboot v1 ELF32 image."""
+
+
+class QmpError(ColocoreError):
+    """A QMP error: what a command refused (server side) or an error reply (client side).
+    `error_class` is QEMU's: GenericError, CommandNotFound."""
+
+    def __init__(self, desc, error_class="GenericError"):
+        super().__init__(desc)
+        self.error_class = error_class
+        self.desc = desc

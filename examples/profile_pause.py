@@ -12,7 +12,7 @@ import statistics
 import sys
 import time
 
-from colocore.machine import Machine
+from colocore.vm.machine import Machine
 from colocore_ext import pages
 
 

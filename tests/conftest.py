@@ -7,6 +7,7 @@ requirement is a failure, never a skip.
 """
 import os
 import sys
+import time
 
 import pytest
 
@@ -50,7 +51,7 @@ def pytest_runtest_setup(item):
 @pytest.fixture
 def nodes(tmp_path):
     """A NodeSet whose processes are all stopped by pid after the test, pass or fail."""
-    from colocore.procs import NodeSet
+    from colocore.tools.procs import NodeSet
     ns = NodeSet(str(tmp_path))
     try:
         yield ns
@@ -61,7 +62,7 @@ def nodes(tmp_path):
 @pytest.fixture
 def etcd_server(tmp_path):
     """A real etcd on a free loopback port, stopped by pid after the test."""
-    from colocore.arbiter.etcd_server import EtcdServer
+    from colocore.tools.etcd import EtcdServer
     srv = EtcdServer(str(tmp_path / "etcd-data"))
     try:
         yield srv.start()
@@ -82,23 +83,47 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.etcd)
 
 
+# Every process a test starts inherits this token in its environment (nodes, etcd, clients,
+# also through `ip netns exec`), so that the run can find whatever outlived it.
+RUN_TOKEN = "COLOCORE_TEST_RUN=%d-%d" % (os.getpid(), int(time.time() * 1000))
+os.environ["COLOCORE_TEST_RUN"] = RUN_TOKEN.split("=", 1)[1]
+
+
+def _outliving():
+    """(pid, command line) of the processes of this run other than pytest itself."""
+    token = RUN_TOKEN.encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open("/proc/%s/environ" % entry, "rb") as f:
+                if token not in f.read().split(b"\0"):
+                    continue
+            with open("/proc/%s/stat" % entry) as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        except OSError:
+            continue
+        found.append((int(entry), cmd))
+    return found
+
+
 def pytest_sessionfinish(session, exitstatus):
-    """Fail the run if a node process a test started is still alive: every test stops
-    what it starts, by pid, also when it fails. Leftovers are killed here and named."""
+    """Fail the run if a process a test started is still alive: every test stops what it
+    starts, by pid, also when it fails. Leftovers are killed here and named."""
     import signal
-    try:
-        from colocore import procs
-    except ImportError:
-        return
-    alive = procs.still_running(procs.STARTED_PIDS)
+    alive = _outliving()
     if not alive:
         return
-    for pid in alive:
+    for pid, _ in alive:
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
     session.config.pluginmanager.get_plugin("terminalreporter").write_line(
-        "FAILED: node processes outlived the tests that started them: %s (killed now)"
-        % ", ".join(map(str, alive)), red=True)
+        "FAILED: processes outlived the tests that started them (killed now): %s"
+        % "; ".join("%d %s" % (pid, cmd[:120]) for pid, cmd in alive), red=True)
     session.exitstatus = 1

@@ -20,6 +20,10 @@ So a secondary can win only if the primary never served alone after naming it, a
 primary can never come back after anyone else won.
 
 States reported: healthy, "etcd unreachable", "lost the key" (see Health).
+
+This module is long because every role (serving, secondary, standby) moves the same
+lease, fence and KEY/state under one lock: split into files, the ordering between a
+renewal, a re-acquire, a pair record and a takeover would be spread out too.
 """
 import enum
 import logging
@@ -29,9 +33,9 @@ import socket
 import threading
 import time
 
-from ..errors import ColocoreError
-from . import etcd as E
-from .fence import FencingClock, margin
+from colocore.errors import ColocoreError
+from colocore.arbiter import etcd as E
+from colocore.arbiter.fence import FencingClock, margin
 
 log = logging.getLogger("colocore.arbiter")
 
@@ -182,6 +186,11 @@ class Arbiter:
             self._pair_wanted = token
         self._wake.set()
 
+    @property
+    def pair_pending(self):
+        """A pair was asked to be recorded and is not yet (or not yet known to be)."""
+        return self._pair_wanted is not None and self._pair_wanted != self.pair
+
     def _record_pair(self):
         with self._lock:
             token = self._pair_wanted
@@ -260,18 +269,21 @@ class Arbiter:
             self._wake.clear()
 
     def _renew(self):
+        lid = self.lease_id
         t0 = self.clock()
-        ttl = self.etcd.keepalive(self.lease_id)
+        ttl = self.etcd.keepalive(lid)
         if ttl > 0:
             self.fence.renewed(t0, ttl)
             self._set_health(Health.HEALTHY)
             self.on_renewed()
             return
-        # etcd says the lease is gone: it expired while we could not reach etcd
-        self.fence.expire()
-        log.warning("arbiter %s: lease %x expired at etcd; trying to win the key back",
-                    self.spec.key, self.lease_id)
         with self._lock:
+            if lid != self.lease_id or self.health == Health.LOST:
+                return          # go_alone() won the key back meanwhile, with a new lease
+            # etcd says the lease is gone: it expired while we could not reach etcd
+            self.fence.expire()
+            log.warning("arbiter %s: lease %x expired at etcd; trying to win the key back",
+                        self.spec.key, lid)
             self._reacquire(clear_pair=False)
 
     def _reacquire(self, clear_pair):
@@ -302,6 +314,8 @@ class Arbiter:
             return
         self.etcd.revoke(lid)
         holder = E.Etcd.range_result(resp[0]) if resp else None
+        if holder is not None and holder.lease == self.lease_id and holder.json().get("node") == self.id:
+            return              # it is ours: our current lease holds it
         self._lose("%s is held by %s" % (key, holder.json().get("name", "?") if holder else "?"))
 
     def _lose(self, reason):
@@ -436,6 +450,22 @@ class Arbiter:
                 self.etcd.revoke(lid)
             except E.EtcdUnreachable:
                 pass           # it expires by itself within ttl
+
+    def resign(self, reason):
+        """Another node serves now by the operator's word (it announced a takeover): stop
+        releasing for good and give the lease back, so that node can win the key."""
+        self.fence.revoke()
+        self.lost_reason = reason
+        self.health = Health.LOST
+        self.role = "none"
+        self.phase = "resigned: " + reason
+        lid, self.lease_id = self.lease_id, 0
+        self._changed()
+        if lid:
+            try:
+                self.etcd.revoke(lid)
+            except E.EtcdUnreachable:
+                pass                    # it expires by itself within ttl
 
     # ---- shutdown ---------------------------------------------------------------------
 

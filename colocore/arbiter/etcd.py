@@ -17,7 +17,7 @@ import threading
 import etcd3gw
 from etcd3gw import exceptions as etcd_exc
 
-from ..errors import ColocoreError
+from colocore.errors import ColocoreError
 
 
 class EtcdUnreachable(ColocoreError):

@@ -16,7 +16,7 @@ Spelled like QEMU's option lists: a kind and its address, then `name=value` pair
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from ..errors import ColocoreError
+from colocore.errors import ColocoreError
 
 USAGE = ("use --arbiter etcd:http://HOST:PORT,key=KEY[,ttl=MS][,role=serve|standby]"
          "[,protect=auto|manual][,advertise=tcp:HOST:PORT]")

@@ -11,8 +11,6 @@ import sys
 
 import pytest
 
-from colocore.bench_colo import percentile
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -44,13 +42,6 @@ def _alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def test_percentile():
-    assert percentile([], 50) == 0.0
-    assert percentile([5], 99) == 5
-    assert percentile([1, 2, 3, 4], 50) == 2.5
-    assert percentile(list(range(101)), 90) == 90
 
 
 def test_checkpoint_quick():

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from colocore.bench_pipeline import PageWritingGuest
+from colocore.tools.bench.pipeline import PageWritingGuest
 from colocore_ext import dirtylog
 
 pytestmark = pytest.mark.kvm

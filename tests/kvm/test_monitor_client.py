@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-from colocore.kvclient import KvClient
+from colocore.clients.kv import KvClient
 
 
 def _monitor(address, *command, stdin=None, timeout=30):

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from colocore.kvclient import KvClient
+from colocore.clients.kv import KvClient
 
 
 def _kvstore(nodes, name="a", extra=()):

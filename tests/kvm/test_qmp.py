@@ -8,9 +8,9 @@ import time
 import pytest
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
-from colocore.kvclient import KvClient
-from colocore.procs import free_port, wait_for
-from colocore.qmp_client import AsyncQmpClient, QmpClient, QmpError
+from colocore.clients.kv import KvClient
+from colocore.tools.procs import free_port, wait_for
+from colocore.clients.qmp import AsyncQmpClient, QmpClient, QmpError
 
 ALL_COMMANDS = {"qmp_capabilities", "query-version", "query-commands", "query-status", "stop",
                 "cont", "quit", "query-migrate-capabilities", "migrate-set-capabilities",
@@ -20,7 +20,7 @@ ALL_COMMANDS = {"qmp_capabilities", "query-version", "query-commands", "query-st
 
 
 def _kvstore(nodes, name="a"):
-    node = nodes.start(name, ["--kernel", "kvstore", "-m", "256M"], qmp=True)
+    node = nodes.start(name, ["--kernel", "kvstore", "-m", "256M"])
     node.wait_monitor()
     _wait_path(node.qmp_path)
     kv = KvClient(node.console)
@@ -63,8 +63,11 @@ def test_greeting_and_queries(nodes):
         assert await c.execute("query-status") == {"running": True, "status": "running",
                                                    "singlestep": False}
         assert await c.execute("query-migrate") == {"status": "none"}
+        # QEMU's fields, then what `info colo` shows, as data
         assert await c.execute("query-colo-status") == {
-            "mode": "none", "last-mode": "none", "reason": "none", "failover-state": "none"}
+            "mode": "none", "last-mode": "none", "reason": "none", "failover-state": "none",
+            "peer": "none", "peer-error": None, "checkpoints": 0, "verified": 0,
+            "verify-mismatches": 0}
         caps = await c.execute("query-migrate-capabilities")
         assert {"capability": "x-colo", "state": False} in caps
         params = await c.execute("query-migrate-parameters")
@@ -195,7 +198,7 @@ def test_migrate_to_file_events_and_query_migrate(nodes, tmp_path):
 def test_colo_pair_over_qmp(nodes):
     """Protect, watch checkpoints, fail over the secondary-lost way: all through QMP."""
     port = free_port()
-    sec = nodes.start("secondary", ["-m", "256M", "--incoming", "tcp:127.0.0.1:%d" % port], qmp=True)
+    sec = nodes.start("secondary", ["-m", "256M", "--incoming", "tcp:127.0.0.1:%d" % port])
     pri, kv = _kvstore(nodes, "primary")
     sec.wait_monitor()
     _wait_path(sec.qmp_path)

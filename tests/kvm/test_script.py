@@ -83,7 +83,7 @@ def test_syntax_error_starts_nothing(tmp_path):
 
 
 def test_attach_to_a_running_node(nodes, tmp_path):
-    node = nodes.start("ext", ["--kernel", "kvstore", "-m", "64M"], qmp=True)
+    node = nodes.start("ext", ["--kernel", "kvstore", "-m", "64M"])
     node.wait_monitor()
     rc, records, err = _script(
         "node x attach unix:%s qmp=unix:%s console=%s\n"

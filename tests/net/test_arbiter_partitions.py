@@ -13,9 +13,8 @@ import time
 
 import pytest
 
-from colocore.arbiter.etcd_server import EtcdServer
-from colocore.netns import Lab
-from colocore.procs import STARTED_PIDS
+from colocore.tools.etcd import EtcdServer
+from colocore.tools.netlab import Lab
 
 pytestmark = pytest.mark.etcd
 
@@ -30,7 +29,6 @@ class Probe:
             argv.append(pair)
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      cwd=os.path.dirname(os.path.dirname(os.path.dirname(PROBE))))
-        STARTED_PIDS.add(self.proc.pid)
         self.events = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()

@@ -5,9 +5,9 @@ import signal
 
 import pytest
 
-from colocore.kvclient import KvClient
-from colocore.netns import Lab
-from colocore.procs import wait_for
+from colocore.clients.kv import KvClient
+from colocore.tools.netlab import Lab
+from colocore.tools.procs import wait_for
 
 PORT = 5555
 

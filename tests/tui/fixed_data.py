@@ -1,6 +1,6 @@
 """Fixed data for the console's snapshot tests: a protected pair with 300 checkpoints
 behind it and a few events. No clock, no psutil: every figure is made up here."""
-from colocore_tui.messages import LinkChanged, MigrationSettings, NodeEvent, NodeStatus
+from colocore_tui.messages import LinkChanged, SettingsRead, NodeEvent, NodeStatus
 
 T0 = 1_700_000_000.0          # 2023-11-14 22:13:20 UTC
 PRIMARY = "unix:/run/colocore/primary-qmp.sock"
@@ -26,7 +26,7 @@ def messages():
     yield NodeEvent("secondary", "MIGRATION", {"status": "active"}, T0 + 0.1)
     yield NodeEvent("primary", "MIGRATION", {"status": "colo"}, T0 + 0.34)
     yield NodeEvent("secondary", "MIGRATION", {"status": "colo"}, T0 + 0.35)
-    yield MigrationSettings("primary",
+    yield SettingsRead("primary",
                             {"xbzrle": False, "compress": False, "events": False,
                              "x-colo": True, "return-path": False},
                             {"downtime-limit": 300, "max-bandwidth": 134217728,

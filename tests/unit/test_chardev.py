@@ -1,6 +1,6 @@
 import pytest
 
-from colocore.chardev import parse_chardev
+from colocore.control.chardev import parse_chardev
 from colocore.errors import ChardevError
 
 

@@ -9,7 +9,7 @@ import colocore
 for mod in pkgutil.walk_packages(colocore.__path__, "colocore."):
     if not mod.name.endswith("__main__"):
         importlib.import_module(mod.name)
-bad = sorted(m for m in sys.modules if m.split(".")[0] in ("textual", "colocore_tui", "tui"))
+bad = sorted(m for m in sys.modules if m.split(".")[0] in ("textual", "colocore_tui"))
 print(" ".join(bad))
 """
 

@@ -1,7 +1,7 @@
 """Scenario parsing: every mistake is found before anything starts, with its line."""
 import pytest
 
-from colocore.script import ScriptError, parse
+from colocore.tools.script import ScriptError, parse
 
 
 def test_a_full_scenario():

@@ -1,0 +1,162 @@
+"""The COLO primary: the checkpoint loop, and the primary's side of a failover.
+
+Runs on the migration thread once the initial live migration ended with x-colo on (the
+secondary's checkpoint-ready was read before the guest resumed):
+
+    every x-checkpoint-delay (or at once on a trigger):
+      -> checkpoint-request   <- checkpoint-reply
+      pause: harvest + copy dirty pages + vCPU + devices, resume  (Checkpointer.capture)
+      -> vmstate-send [RAM ... END] vmstate-size N [N bytes of device part]
+      <- vmstate-received     release the output held up to this checkpoint
+      <- vmstate-loaded
+
+Output commit: what the guest printed up to a checkpoint's pause is released only once the
+secondary answered vmstate-received for that checkpoint: from then on the secondary can
+serve a state that produced it.
+"""
+import logging
+import time
+
+from colocore.colo import faults
+from colocore.colo.failover import FailoverState
+from colocore.errors import ColocoreError, StreamError
+from colocore.migration.transport import Msg, PeerLost, PeerTookOver
+
+log = logging.getLogger("colocore.colo")
+
+REPLY_TIMEOUT = 10.0
+# The primary says something at least this often, even with a long checkpoint delay, so
+# that a secondary notices a silent primary (a dead host, a partition) and reports it;
+# without x-colo-heartbeat it still waits for the operator to decide.
+IDLE_HEARTBEAT = 1.0
+
+
+def run(colo, ch, checkpointer):
+    """The checkpoint loop. Returns when COLO ends; the guest runs on here."""
+    m = colo.machine
+    colo.begin("primary", ch)
+    params = colo.settings.parameters
+    arb = colo.arbiter
+    if arb is not None:
+        arb.colo_started()
+    try:
+        checkpoint_id = 0
+        while colo.failover.state == FailoverState.NONE:
+            _wait_delay(colo, ch, params)
+            if colo.failover.state != FailoverState.NONE:
+                break
+            checkpoint_id += 1
+            hb = params["x-colo-heartbeat"]
+            ch.set_timeout(hb / 1000.0 if hb else (arb.silence_s if arb else REPLY_TIMEOUT))
+            t0 = time.perf_counter()
+            t_request = time.monotonic()
+            ch.send_msg(Msg.CHECKPOINT_REQUEST)
+            ch.expect(Msg.CHECKPOINT_REPLY)
+            faults.crash("after-request", checkpoint_id)
+            cap = checkpointer.capture()
+            sent, raw = checkpointer.send(ch, cap, checkpoint_id)
+            ch.expect(Msg.VMSTATE_RECEIVED)
+            faults.crash("after-received", checkpoint_id)
+            if arb is not None:
+                # the secondary heard us after t_request: it cannot call us silent (and
+                # take over) before t_request + silence, so this output may go out
+                # until then even if the lease cannot be renewed
+                arb.checkpoint_acked(t_request)
+            # output commit: the secondary holds the state that produced these bytes
+            m.console_out.release(cap.marks[0])
+            m.serial_out.release(cap.marks[1])
+            ch.expect(Msg.VMSTATE_LOADED)
+            faults.crash("after-loaded", checkpoint_id)
+            _account(colo, checkpoint_id, cap, sent, raw, (time.perf_counter() - t0) * 1000)
+    except PeerTookOver as exc:
+        colo.channel = None
+        ch.close()
+        _stopped_by_takeover(colo, exc)
+        return
+    except (PeerLost, StreamError, ColocoreError, OSError) as exc:
+        if colo.failover.state == FailoverState.NONE:
+            colo.peer_lost(exc)
+    finally:
+        colo.channel = None
+    # Wait for the operator (or the heartbeat) to fail over; the guest runs meanwhile,
+    # its output held: releasing it before a failover decision could lose it.
+    while not colo.failover.requested:
+        if colo.quitting.wait(0.01):
+            return
+    _failover(colo, ch)
+
+
+def _wait_delay(colo, ch, params):
+    """Sleep x-checkpoint-delay, waking early on trigger; heartbeat while idle."""
+    delay = params["x-checkpoint-delay"] / 1000.0
+    hb = params["x-colo-heartbeat"] / 1000.0
+    # under an arbiter the secondary calls us silent after `silence`: speak 4x as often
+    idle = min(IDLE_HEARTBEAT, colo.arbiter.silence_s / 4) if colo.arbiter else IDLE_HEARTBEAT
+    deadline = time.monotonic() + delay
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or colo.failover.state != FailoverState.NONE:
+            break
+        if colo.trigger.wait(min(left, hb / 3 if hb else idle)):
+            break
+        if time.monotonic() < deadline:
+            ch.send_msg(Msg.HEARTBEAT)
+    colo.trigger.clear()
+
+
+def _account(colo, checkpoint_id, cap, sent, raw, latency_ms):
+    s = colo.stats
+    s.checkpoints += 1
+    pause_ms = cap.pause_s * 1000
+    s.last_pause_ms = pause_ms
+    s.total_pause_ms += pause_ms
+    s.max_pause_ms = max(s.max_pause_ms, pause_ms)
+    s.last_dirty_pages = len(cap.pfns)
+    s.last_bytes = sent
+    s.last_raw = raw
+    s.total_bytes += sent
+    s.last_latency_ms = latency_ms
+    colo.emit("COLO_CHECKPOINT", {
+        "id": checkpoint_id, "pause-ms": round(pause_ms, 3),
+        "dirty-pages": len(cap.pfns), "bytes": sent, "raw-bytes": raw,
+        "compression-ratio": round(raw / sent, 3) if sent else 0.0,
+        "latency-ms": round(latency_ms, 3)})
+
+
+def _failover(colo, ch):
+    """Leave COLO and serve alone: the held output goes out, the migration is over."""
+    colo.failover.start()
+    if ch is not None:
+        try:
+            ch.send_msg(Msg.QUIT)
+        except ColocoreError:
+            pass
+        ch.close()
+    colo.machine.release_held_output()
+    colo.leave()
+    colo.exit_event(colo.reason if colo.reason != "none" else "request")
+    colo.migration_over()
+    colo.failover.complete()
+    log.info("COLO primary: failover completed, serving alone")
+
+
+def _stopped_by_takeover(colo, exc):
+    """The secondary took over while this primary still runs: stop the guest here, so that
+    only one copy serves. Its held output stays held: the secondary has the state that
+    produced what was released, and nothing newer may reach a client."""
+    m = colo.machine
+    colo.peer_state = "took over"
+    colo.peer_error = str(exc)
+    colo.reason = "error"
+    try:
+        if m.runstate == "running":
+            m.pause("paused")
+    except ColocoreError as perr:
+        log.error("COLO primary: could not stop the guest: %s", perr)
+    log.error("COLO primary: %s; this guest is stopped so that only one copy serves. "
+              "Quit this node (or re-protect from the new primary)", exc)
+    colo.exit_event("error")
+    colo.leave()
+    colo.migration_over()
+    if colo.arbiter is not None:
+        colo.arbiter.peer_took_over()

@@ -1,0 +1,119 @@
+"""The COLO secondary: the incoming loop that receives, verifies and loads checkpoints, and
+the takeover.
+
+    -> checkpoint-ready
+    <- checkpoint-request    -> checkpoint-reply
+    <- vmstate-send ... vmstate-size N [device part]   (received whole into a Unit, verified)
+    -> vmstate-received      (from here on this checkpoint is applied even if the primary
+                              dies: it is the newest complete state)
+    load: RAM, vCPU, devices
+    -> vmstate-loaded
+
+The guest does not run between checkpoints (periodic mode), so loading needs no pause.
+A checkpoint cut off anywhere before its last byte is dropped whole: the VM stays at the
+previous one. A takeover waits for a load in flight (failover relaunch), so RAM, vCPU and
+devices always come from one checkpoint.
+"""
+import logging
+import time
+
+from colocore_ext import pages
+
+from colocore.colo import faults
+from colocore.colo.checkpoint import receive
+from colocore.colo.failover import FailoverState
+from colocore.errors import ColocoreError, StreamError
+from colocore.migration.transport import Msg, PeerLost
+from colocore.vmstate import unit as units
+
+log = logging.getLogger("colocore.colo")
+
+# A secondary that hears nothing for this long reports its primary lost (the primary
+# says something at least every second, colo/primary.py IDLE_HEARTBEAT).
+SILENCE_TIMEOUT = 5.0
+
+
+def run(colo, ch):
+    colo.begin("secondary", ch)
+    params = colo.settings.parameters
+    try:
+        ch.send_msg(Msg.CHECKPOINT_READY)
+        silence = colo.arbiter.silence_s if colo.arbiter is not None else SILENCE_TIMEOUT
+        while colo.failover.state == FailoverState.NONE:
+            hb = params["x-colo-heartbeat"]
+            ch.set_timeout(hb / 1000.0 if hb else silence)
+            msg = ch.recv_msg()
+            if msg == Msg.CHECKPOINT_REQUEST:
+                ch.send_msg(Msg.CHECKPOINT_REPLY)
+            elif msg == Msg.VMSTATE_SEND:
+                t0 = time.perf_counter()
+                cp = receive(ch, colo.machine)
+                ch.send_msg(Msg.VMSTATE_RECEIVED)
+                _load(colo, cp)
+                # the VM is at this checkpoint now, whether or not the primary hears so
+                s = colo.stats
+                s.checkpoints += 1
+                s.last_bytes = cp.bytes
+                s.last_dirty_pages = cp.info.get("dirty", 0)
+                s.last_latency_ms = (time.perf_counter() - t0) * 1000
+                if cp.digest is not None:
+                    _verify(colo, cp)
+                ch.send_msg(Msg.VMSTATE_LOADED)
+            elif msg == Msg.QUIT:
+                raise PeerLost("the primary left COLO (failover on the primary)")
+            else:
+                raise StreamError("COLO protocol: unexpected %s" % msg.name)
+    except (PeerLost, StreamError, ColocoreError, OSError) as exc:
+        # the last byte from the primary (an arbiter waits `silence` from there)
+        colo.last_heard = ch.last_heard
+        if colo.failover.state == FailoverState.NONE:
+            colo.peer_lost(exc)
+        else:
+            log.info("COLO secondary: channel closed for failover")
+    finally:
+        colo.channel = None
+        ch.close()
+
+
+def _load(colo, cp):
+    with colo.apply_lock:
+        colo.loading = True
+        try:
+            if faults.SLOW_LOAD_S:
+                time.sleep(faults.SLOW_LOAD_S)
+            units.apply(cp, colo.machine)
+        finally:
+            colo.loading = False
+
+
+def _verify(colo, cp):
+    mem = colo.machine.memory
+    mine = pages.page_hashes(mem.ram, mem.all_pages())
+    bad = [] if mine == cp.digest else \
+        [p for p, (a, b) in enumerate(zip(mine, cp.digest)) if a != b]
+    colo.stats.verified += 1
+    if bad:
+        colo.stats.verify_mismatches += 1
+        log.error("COLO verify: checkpoint %s: %d pages differ from the primary (first: %s)",
+                  cp.info.get("id"), len(bad), ", ".join("0x%x" % p for p in bad[:8]))
+        colo.emit("COLO_VERIFY_MISMATCH", {"id": cp.info.get("id"), "pages": len(bad)})
+
+
+def takeover(colo):
+    """Secondary failover (its own thread): wait for the incoming loop and any load in
+    flight, then serve from the last complete checkpoint."""
+    try:
+        colo.secondary_done.wait()
+        with colo.apply_lock:
+            pass            # no load in flight: RAM, vCPU and devices are one checkpoint
+        colo.failover.start()
+        colo.serve()        # opens the guest's chardevs, runs the guest
+        colo.machine.release_held_output()
+        colo.leave()
+        colo.migration_over()
+        colo.exit_event(colo.reason if colo.reason != "none" else "request")
+        colo.failover.complete()
+        colo.takeover_done.set()
+        log.info("COLO secondary: failover completed, serving")
+    except Exception:  # noqa: BLE001 - a failed takeover must be loud
+        log.exception("COLO secondary: takeover failed")

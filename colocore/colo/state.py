@@ -1,0 +1,234 @@
+"""A node's COLO state: mode, last mode, exit reason, failover, peer, figures.
+
+The checkpoint loops run on it (colo/primary.py on the migration thread, colo/secondary.py
+on the incoming thread); operators act on it (x_colo_lost_heartbeat, query-colo-status).
+It is given only what it uses: the machine, the migration settings, `emit(event, data)`,
+`serve()` (a secondary that takes over opens its guest chardevs and runs its guest) and
+`migration_over()` (the migration that turned into COLO is finished). Under `--arbiter`,
+`arbiter` is the node's control/arbiter.py object: it decides what peer_lost() does, and
+the loops tell it about acknowledged checkpoints (duck-typed: colo imports no arbiter).
+"""
+import logging
+import threading
+
+from colocore.colo import primary, secondary
+from colocore.colo.failover import Failover, FailoverState, may_decide_alone
+from colocore.errors import ColocoreError
+
+log = logging.getLogger("colocore.colo")
+
+
+def colo_supported(machine):
+    """Whether this host can do COLO (QEMU's colo_supported()): KVM with dirty logging on
+    the guest's memslot, which every checkpoint harvests."""
+    return machine is not None and bool(machine.vm.dirty_log)
+
+
+class ColoStats:
+    def __init__(self):
+        self.checkpoints = 0
+        self.last_pause_ms = 0.0
+        self.total_pause_ms = 0.0
+        self.max_pause_ms = 0.0
+        self.last_dirty_pages = 0
+        self.last_bytes = 0
+        self.last_raw = 0
+        self.total_bytes = 0
+        self.last_latency_ms = 0.0
+        self.verify_mismatches = 0
+        self.verified = 0
+
+    @property
+    def mean_pause_ms(self):
+        return self.total_pause_ms / self.checkpoints if self.checkpoints else 0.0
+
+    @property
+    def compression_ratio(self):
+        return self.last_raw / self.last_bytes if self.last_bytes else 0.0
+
+
+class Colo:
+    def __init__(self, machine, settings, emit, serve, migration_over, verify=False):
+        self.machine = machine
+        self.settings = settings
+        self.emit = emit
+        self.serve = serve
+        self.migration_over = migration_over
+        self.verify = verify
+        self.mode = "none"
+        self.last_mode = "none"
+        self.reason = "none"
+        self.failover = Failover()
+        self.stats = ColoStats()
+        self.channel = None
+        self.peer_state = "none"          # none, connected, lost, took over
+        self.peer_error = None
+        self.trigger = threading.Event()  # checkpoint now (delay changed, failover)
+        self.exit_sent = False
+        self.apply_lock = threading.Lock()
+        self.loading = False
+        self.secondary_done = threading.Event()   # the secondary loop has returned
+        self.takeover_done = threading.Event()
+        self.quitting = threading.Event()
+        self.arbiter = None               # control/arbiter.py under --arbiter
+        self.last_heard = 0.0             # secondary: when the primary's last byte came
+
+    # ---- reporting -----------------------------------------------------------------
+
+    def status(self):
+        """query-colo-status: QEMU's fields, then colocore's (peer, checkpoints, verify)."""
+        s = self.stats
+        return {"mode": self.mode, "last-mode": self.last_mode, "reason": self.reason,
+                "failover-state": self.failover.state.value, "peer": self.peer_state,
+                "peer-error": self.peer_error, "checkpoints": s.checkpoints,
+                "verified": s.verified, "verify-mismatches": s.verify_mismatches}
+
+    def exit_event(self, reason):
+        if not self.exit_sent:
+            self.exit_sent = True
+            self.emit("COLO_EXIT", {"mode": self.mode if self.mode != "none" else self.last_mode,
+                                    "reason": reason})
+
+    # ---- a run ---------------------------------------------------------------------
+
+    def begin(self, mode, ch):
+        """A new COLO run on this node (also after an earlier one ended in a failover):
+        the failover state and exit bookkeeping start afresh; counters carry on."""
+        self.failover = Failover()
+        self.reason = "none"
+        self.exit_sent = False
+        self.peer_error = None
+        self.trigger.clear()
+        self.takeover_done.clear()
+        self.secondary_done.clear()
+        self.channel = ch
+        self.mode = mode
+        self.peer_state = "connected"
+
+    def leave(self):
+        """This node is out of COLO (failover done, or stopped by a takeover)."""
+        self.last_mode, self.mode = self.mode, "none"
+        if self.peer_state == "connected":
+            self.peer_state = "none"          # we closed the channel ourselves
+
+    def run_primary(self, ch, checkpointer):
+        """The checkpoint loop, on the migration thread; returns when COLO ended."""
+        primary.run(self, ch, checkpointer)
+
+    def run_secondary(self, ch):
+        """The COLO incoming loop, on the incoming thread; returns when COLO ended."""
+        try:
+            secondary.run(self, ch)
+        finally:
+            self.secondary_done.set()
+
+    # ---- failover --------------------------------------------------------------------
+
+    def request_failover(self, auto=False):
+        """x_colo_lost_heartbeat: accepted once; the work runs on the COLO thread (primary)
+        or on a takeover thread (secondary)."""
+        if self.mode == "none":
+            raise ColocoreError("VM is not in COLO mode")
+        self.failover.request(loading=self.mode == "secondary" and self.loading)
+        if self.reason == "none":
+            self.reason = "request"
+        log.info("COLO %s: failover requested%s", self.mode, " (automatic)" if auto else "")
+        if self.arbiter is not None and not auto:
+            self.arbiter.operator_failover(self.mode)
+        if self.mode == "primary":
+            # the migration thread notices at its next step; closing the channel wakes it
+            self.trigger.set()
+            if self.channel is not None:
+                self.channel.close()
+            return
+        if self.failover.state == FailoverState.RELAUNCH:
+            log.info("COLO secondary: a checkpoint is being loaded; failover relaunches "
+                     "once it is in")
+        if self.channel is not None:
+            # a primary that is still alive must learn that it has to stop
+            self.channel.announce_takeover()
+        threading.Thread(target=secondary.takeover, args=(self,), name="takeover",
+                         daemon=True).start()
+
+    def peer_lost(self, error):
+        """The channel broke: report it, keep the guest safe; fail over only where
+        failover.may_decide_alone() says this side may."""
+        if self.peer_state == "lost":
+            return
+        self.peer_state = "lost"
+        self.peer_error = str(error)
+        if self.failover.state != FailoverState.NONE:
+            return
+        arb = self.arbiter
+        if arb is not None and arb.lost:
+            return                        # lost_key() stopped this node already
+        self.reason = "error"
+        self.exit_event("error")
+        if arb is not None and arb.override is None:
+            # the arbiter decides (failover.py: may_decide_alone's arbiter rule)
+            self._arbiter_decides(arb, error)
+            return
+        decide, why = may_decide_alone(self.mode, getattr(error, "closed", False),
+                                       self.settings.parameters["x-colo-heartbeat"])
+        if decide:
+            log.error("COLO %s: lost the peer (%s); %s: failing over by itself", self.mode,
+                      error, why)
+            try:
+                self.request_failover(auto=True)
+            except ColocoreError:
+                pass
+            return
+        log.error("COLO %s: lost the peer: %s; the guest is %s. Run x_colo_lost_heartbeat "
+                  "here to %s", self.mode, error,
+                  "running, output held" if self.mode == "primary" else "at its last complete checkpoint",
+                  "serve alone" if self.mode == "primary" else "take over")
+
+    def _arbiter_decides(self, arb, error):
+        def auto():
+            try:
+                self.request_failover(auto=True)
+            except ColocoreError:
+                pass
+        if self.mode == "primary":
+            log.error("COLO primary: lost the secondary (%s); serving alone once etcd confirms "
+                      "that it may no longer take over", error)
+            arb.primary_lost_secondary(auto)
+        else:
+            log.error("COLO secondary: lost the primary (%s); taking over if its lease expires "
+                      "and this node wins the key", error)
+            arb.secondary_lost_primary(self.last_heard, lambda: self.failover.state != FailoverState.NONE,
+                                       auto)
+
+    def lost_key(self, reason):
+        """The arbiter's key is someone else's: as after a TAKEOVER message, the guest stops
+        and nothing it produced is released any more (the fence is closed for ever)."""
+        m = self.machine
+        self.peer_error = "lost the key: %s" % reason
+        self.reason = "error"
+        try:
+            if m.runstate == "running":
+                m.pause("paused")
+        except ColocoreError as perr:
+            log.error("arbiter: could not stop the guest: %s", perr)
+        log.error("arbiter: this node lost the key (%s); its guest is stopped so that only "
+                  "one copy serves; it quits shortly", reason)
+        if self.mode != "none":
+            self.exit_event("error")
+            was = self.mode
+            ch = self.channel
+            if ch is not None:
+                ch.close()
+            self.leave()
+            if was == "primary":
+                self.migration_over()
+
+    def mark_stale(self, reason):
+        """A secondary whose copy may never serve: the primary went on without it."""
+        self.peer_error = "stale: %s" % reason
+
+    def close(self):
+        self.quitting.set()
+        ch = self.channel
+        if ch is not None:
+            ch.close()
+

@@ -1,0 +1,333 @@
+"""The HMP-style text monitor: QEMU's words and formats, colocore's prompt.
+
+HMP is a printer: each command parses its words, calls the operation in
+control/commands.py, and formats the data it returns in QEMU's words (`info migrate`,
+`info status`, ... byte for byte where QEMU has the same output). The same table serves
+the monitor chardev and QMP's human-monitor-command.
+"""
+import asyncio
+import inspect
+import logging
+import shlex
+
+from colocore import __version__
+from colocore.errors import ColocoreError
+from colocore.migration.params import PARAMETERS, PARAMETER_ORDER
+
+log = logging.getLogger("colocore.monitor")
+
+PROMPT = "(colocore) "
+BANNER = "colocore %s monitor - type 'help' for more information\r\n" % __version__
+MAX_LINE = 64 * 1024
+
+
+class HmpError(ColocoreError):
+    pass
+
+
+# ---- formatting of the commands' data ---------------------------------------------------
+
+def format_status(st):
+    if st["status"] == "running":
+        return "VM status: running"
+    if st["status"] == "paused":
+        return "VM status: paused"
+    return "VM status: paused (%s)" % st["status"]
+
+
+def format_migrate(info):
+    lines = ["Migration status: %s" % info["status"]]
+    ram = info.get("ram")
+    if ram is not None:
+        # QEMU's words and order where QEMU has the figure
+        lines += ["total time: %d ms" % info["total-time"],
+                  "downtime: %d ms" % info["downtime"],
+                  "setup: %d ms" % info["setup-time"],
+                  "transferred ram: %d kbytes" % (ram["transferred"] // 1024),
+                  "total ram: %d kbytes" % (ram["total"] // 1024),
+                  "normal: %d pages" % ram["normal"],
+                  "dirty sync count: %d" % ram["dirty-sync-count"]]
+    colo = info.get("x-colo")
+    if colo is not None:
+        lines += ["colo checkpoints: %d" % colo["checkpoints"],
+                  "colo last pause: %.3f ms" % colo["last-pause-ms"],
+                  "colo mean pause: %.3f ms" % colo["mean-pause-ms"],
+                  "colo max pause: %.3f ms" % colo["max-pause-ms"],
+                  "colo last dirty pages: %d" % colo["last-dirty-pages"],
+                  "colo last bytes: %d" % colo["last-bytes"],
+                  "colo last latency: %.3f ms" % colo["last-latency-ms"],
+                  "colo compression ratio: %.2f" % colo["compression-ratio"]]
+    if info.get("error-desc"):
+        lines.append("error: %s" % info["error-desc"])
+    return "\n".join(lines)
+
+
+def format_capabilities(caps):
+    return "\n".join("%s: %s" % (c["capability"], "on" if c["state"] else "off") for c in caps)
+
+
+def format_parameters(params):
+    return "\n".join("%s: %d %s" % (name, params[name], PARAMETERS[name][1])
+                     for name in PARAMETER_ORDER)
+
+
+def format_colo(st):
+    peer = st["peer"] + (" (%s)" % st["peer-error"] if st.get("peer-error") else "")
+    lines = ["COLO mode: %s" % st["mode"],
+             "last mode: %s" % st["last-mode"],
+             "reason: %s" % st["reason"],
+             "failover state: %s" % st["failover-state"],
+             "peer: %s" % peer,
+             "checkpoints: %d" % st["checkpoints"]]
+    if st["verified"] or st["verify-mismatches"]:
+        lines.append("verified checkpoints: %d, mismatches: %d"
+                     % (st["verified"], st["verify-mismatches"]))
+    if "arbiter" in st:
+        lines += format_arbiter(st["arbiter"])
+    return "\n".join(lines)
+
+
+def format_arbiter(a):
+    lines = ["arbiter: %s, %s, key %s" % (a["state"], a["role"] or "none", a["key"])]
+    if a["role"] == "serving":
+        lines.append("arbiter lease: %d ms of %d (margin %.1f ms), output %s" % (
+            a["lease-ms"], a["ttl-ms"], a["margin-ms"], "released" if a["may-release"] else "held"))
+    elif a["holder"]:
+        lines.append("arbiter holder: %s" % a["holder"])
+    if a["phase"]:
+        lines.append("arbiter phase: %s" % a["phase"])
+    if a["state"] == "etcd unreachable":
+        lines.append("arbiter: no automatic failover while etcd is unreachable")
+    if a["override"]:
+        lines.append("arbiter override: %s" % a["override"])
+    if a["standbys"]:
+        lines.append("standbys: %s" % ", ".join(a["standbys"]))
+    return lines
+
+
+def format_standbys(standbys):
+    return "\n".join("%s %s%s" % (s["name"], s["uri"], "  (next)" if s["next"] else "")
+                     for s in standbys) or "no standby registered"
+
+
+def format_xp(addr, data):
+    return "\n".join("%016x: %s" % (addr + i, data[i:i + 16].hex(" "))
+                     for i in range(0, len(data), 16))
+
+
+class Hmp:
+    """The HMP command table over an operations object (control/commands.py)."""
+
+    def __init__(self, commands):
+        self.commands = commands
+        # name -> (args help, help text, handler(args list) -> str)
+        self.table = {}
+        self.info_table = {}
+        self._register()
+
+    def command(self, name, args, helptext):
+        def deco(fn):
+            self.table[name] = (args, helptext, fn)
+            return fn
+        return deco
+
+    def info(self, name, helptext):
+        def deco(fn):
+            self.info_table[name] = (helptext, fn)
+            return fn
+        return deco
+
+    def _register(self):
+        ops = self.commands
+
+        @self.command("help", "[cmd]", "show the help")
+        def _help(args):
+            lines = []
+            for name, (a, h, _) in sorted(self.table.items()):
+                if args and args[0] != name:
+                    continue
+                lines.append("%s %s -- %s" % (name, a, h) if a else "%s -- %s" % (name, h))
+            if args and not lines:
+                raise HmpError("unknown command: '%s'" % args[0])
+            return "\n".join(lines)
+
+        @self.command("info", "[subcommand]", "show various information about the system state")
+        def _info(args):
+            if not args:
+                return "\n".join("info %s -- %s" % (n, h) for n, (h, _) in sorted(self.info_table.items()))
+            sub = args[0]
+            if sub not in self.info_table:
+                raise HmpError("unknown info subcommand: '%s'; 'info' lists them" % sub)
+            return self.info_table[sub][1](args[1:])
+
+        self.info("status", "show the current VM status (running|paused)")(
+            lambda args: format_status(ops.query_status()))
+        self.info("version", "show the version of colocore")(lambda args: __version__)
+        self.info("migrate", "show migration status")(
+            lambda args: format_migrate(ops.query_migrate()))
+        self.info("migrate_capabilities", "show current migration capabilities")(
+            lambda args: format_capabilities(ops.query_migrate_capabilities()))
+        self.info("migrate_parameters", "show current migration parameters")(
+            lambda args: format_parameters(ops.query_migrate_parameters()))
+        self.info("colo", "show COLO mode, last mode, exit reason and failover state")(
+            lambda args: format_colo(ops.query_colo_status()))
+
+        def no_args(fn):
+            def handler(args):
+                fn()
+                return ""
+            return handler
+
+        for name, helptext, fn in (
+                ("stop", "stop emulation", ops.stop),
+                ("cont", "resume emulation", ops.cont),
+                ("c", "resume emulation", ops.cont),
+                ("quit", "quit the emulator", ops.quit),
+                ("q", "quit the emulator", ops.quit),
+                ("migrate_cancel", "cancel the current VM migration", ops.migrate_cancel),
+                ("x_colo_lost_heartbeat",
+                 "tell COLO that heartbeat is lost, a failover or takeover is needed",
+                 ops.x_colo_lost_heartbeat)):
+            self.command(name, "", helptext)(no_args(fn))
+
+        self.info("colo_standbys", "show the standbys registered with the arbiter")(
+            lambda args: format_standbys(ops.query_colo_standbys()))
+
+        @self.command("colo_protect", "[standby]",
+                      "protect this node (serving alone) onto a standby registered with the "
+                      "arbiter (default: the one info colo_standbys lists first)")
+        def _protect(args):
+            if len(args) > 1:
+                raise HmpError("usage: colo_protect [STANDBY]")
+            out = ops.x_colo_protect(args[0] if args else None)
+            return "protecting onto standby %s at %s" % (out["standby"], out["uri"])
+
+        @self.command("migrate", "[-d] uri", "migrate to URI (file:PATH or tcp:HOST:PORT); -d: do not wait")
+        async def _migrate(args):
+            rest = [a for a in args if not a.startswith("-")]
+            if len(rest) != 1:
+                raise HmpError("migrate needs one URI, e.g. migrate file:/tmp/vm.snap")
+            fut = ops.migrate(rest[0])
+            # With x-colo the migration never "finishes" (it turns into COLO): don't wait.
+            if "-d" not in args and not ops.settings.capabilities.get("x-colo"):
+                await fut
+            return ""
+
+        @self.command("migrate_set_capability", "capability state",
+                      "enable/disable a migration capability (on|off)")
+        def _set_cap(args):
+            if len(args) != 2 or args[1] not in ("on", "off", "true", "false"):
+                raise HmpError("usage: migrate_set_capability CAPABILITY on|off")
+            ops.migrate_set_capabilities([(args[0], args[1] in ("on", "true"))])
+            return ""
+
+        @self.command("migrate_set_parameter", "parameter value", "set a migration parameter")
+        def _set_param(args):
+            if len(args) != 2:
+                raise HmpError("usage: migrate_set_parameter PARAMETER VALUE")
+            ops.migrate_set_parameters({args[0]: args[1]})
+            return ""
+
+        @self.command("xp", "addr [len]", "hex dump of guest physical memory (debug)")
+        def _xp(args):
+            if not args or len(args) > 2:
+                raise HmpError("usage: xp ADDR [LEN]")
+            try:
+                addr = int(args[0], 0)
+                length = int(args[1], 0) if len(args) > 1 else 64
+            except ValueError:
+                raise HmpError("xp: ADDR and LEN are numbers (0x... for hex)") from None
+            return format_xp(addr, ops.xp(addr, length))
+
+    async def execute(self, line):
+        """Run one command line; return (text, ok)."""
+        line = line.strip()
+        if not line:
+            return "", True
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            return "Error: cannot parse the command line: %s" % exc, False
+        name, args = words[0], words[1:]
+        entry = self.table.get(name)
+        if entry is None:
+            return "unknown command: '%s'" % name, False
+        try:
+            out = entry[2](args)
+            if inspect.isawaitable(out):
+                out = await out
+            return out or "", True
+        except ColocoreError as exc:
+            return "Error: %s" % exc, False
+        except Exception as exc:  # noqa: BLE001 - a monitor command must never kill the node
+            log.exception("monitor command %r failed", line)
+            return "Error: internal error in %s: %s" % (name, exc), False
+
+
+class MonitorSession:
+    """One monitor client on a chardev: line in, output + prompt out."""
+
+    def __init__(self, hmp, chardev, client):
+        self.hmp = hmp
+        self.chardev = chardev
+        self.client = client
+        self.buf = bytearray()
+        self.queue = asyncio.Queue()
+        self.task = asyncio.ensure_future(self._run())
+
+    def greet(self):
+        self.chardev.write((BANNER + PROMPT).encode(), self.client)
+
+    def feed(self, data):
+        self.buf += data
+        while True:
+            i = self.buf.find(b"\n")
+            if i < 0:
+                if len(self.buf) > MAX_LINE:
+                    self.buf.clear()
+                    self.queue.put_nowait(None)
+                return
+            line = bytes(self.buf[:i]).decode("utf-8", "replace").rstrip("\r")
+            del self.buf[:i + 1]
+            self.queue.put_nowait(line)
+
+    async def _run(self):
+        while True:
+            line = await self.queue.get()
+            if line is None:
+                out, _ = "Error: command line too long (limit %d bytes)" % MAX_LINE, False
+            else:
+                out, _ = await self.hmp.execute(line)
+            text = (out + "\r\n" if out else "") + PROMPT
+            self.chardev.write(text.replace("\r\n", "\n").replace("\n", "\r\n").encode(), self.client)
+
+    def close(self):
+        self.task.cancel()
+
+
+def attach_monitor(hmp, chardev):
+    sessions = {}
+
+    def on_connect(client):
+        s = MonitorSession(hmp, chardev, client)
+        sessions[id(client)] = s
+        s.greet()
+
+    def on_input(data, client):
+        s = sessions.get(id(client))
+        if s is None and client is None:          # stdio
+            s = sessions.setdefault(0, MonitorSession(hmp, chardev, None))
+        if s is not None:
+            s.feed(data)
+
+    def on_disconnect(client):
+        s = sessions.pop(id(client), None)
+        if s is not None:
+            s.close()
+
+    chardev.on_connect = on_connect
+    chardev.on_input = on_input
+    chardev.on_disconnect = on_disconnect
+    if chardev.spec.kind == "stdio":
+        on_connect(None)
+        sessions[0] = sessions.pop(id(None))

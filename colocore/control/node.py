@@ -1,0 +1,270 @@
+"""A colocore node: one process, one guest. This module only wires the parts together.
+
+Threads: the control thread runs an asyncio loop (monitor, QMP, chardevs, signals); the
+machine runs its vCPU thread (vm/machine.py); the migration thread runs a live migration
+and then the COLO primary's checkpoint loop; the incoming thread accepts a migration and
+then runs the COLO secondary's loop. See docs/DESIGN.md.
+"""
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+
+from colocore.arbiter import parse_arbiter
+from colocore.colo.checkpoint import Checkpointer
+from colocore.colo.state import Colo, colo_supported
+from colocore.control.arbiter import ColoArbiter
+from colocore.control.chardev import Chardev, parse_chardev
+from colocore.control.commands import Commands
+from colocore.control.hmp import Hmp, attach_monitor, format_status
+from colocore.control.qmp import QmpCommands, attach_qmp
+from colocore.errors import ColocoreError
+from colocore.migration.incoming import Incoming
+from colocore.migration.outgoing import Migration
+from colocore.migration.params import MigrationSettings
+from colocore.migration.transport import Listener
+from colocore.vm.machine import Machine
+from colocore.vmstate import snapshot
+
+log = logging.getLogger("colocore.node")
+
+
+def parse_mem(text):
+    t = str(text).strip().upper()
+    mult = 1 << 20
+    if t.endswith("G"):
+        mult, t = 1 << 30, t[:-1]
+    elif t.endswith("M"):
+        t = t[:-1]
+    elif t.endswith("K"):
+        mult, t = 1 << 10, t[:-1]
+    try:
+        value = int(float(t) * mult)
+    except ValueError:
+        raise ColocoreError("-m %r: expected a size like 256M or 1G" % text) from None
+    if value <= 0 or value % (2 << 20):
+        raise ColocoreError("-m %r: memory must be a positive multiple of 2 MiB" % text)
+    return value
+
+
+def _stats_writer(path):
+    """--stats-file: one JSON line per COLO checkpoint (benchmarks), written by the
+    control loop, so the checkpoint loop and its pause never wait for the disk."""
+    f = open(path, "a", buffering=1)
+
+    def write(name, data, stamp):
+        if name == "COLO_CHECKPOINT":
+            f.write(json.dumps(dict(data, time=round(stamp, 6))) + "\n")
+    return write
+
+
+class Node:
+    def __init__(self, args):
+        self.args = args
+        self.name = args.name or "colocore"
+        self.loop = None
+        self.machine = None
+        self.settings = None
+        self.migration = None
+        self.colo = None
+        self.incoming = None
+        self.commands = None
+        self.hmp = None
+        self.chardevs = {}
+        self._paused_clients = []
+        self.quit_event = None
+        self.event_listeners = []
+        if getattr(args, "stats_file", None):
+            self.event_listeners.append(_stats_writer(args.stats_file))
+        # validate every chardev spec before anything is created
+        self.specs = {}
+        for what in ("console", "serial", "monitor", "qmp"):
+            value = getattr(args, what, None)
+            if value:
+                self.specs[what] = parse_chardev(value, "--" + what)
+        if "serial" not in self.specs:
+            self.specs["serial"] = parse_chardev("log")
+        self.exit_status = 0
+        self.arbiter = None
+        if getattr(args, "arbiter", None):
+            spec = parse_arbiter(args.arbiter)
+            if spec.role == "standby" and not str(args.incoming or "").startswith("tcp:"):
+                raise ColocoreError("--arbiter role=standby waits for a primary: give "
+                                    "--incoming tcp:HOST:PORT (and no --kernel)")
+            self.arbiter = ColoArbiter(spec, self.name)
+
+    # ---- events ------------------------------------------------------------------
+
+    def emit_event(self, name, data):
+        """Thread safe: deliver an event (QMP-style) to listeners on the control loop."""
+        stamp = time.time()
+        if self.loop is None:
+            return
+
+        def deliver():
+            for fn in list(self.event_listeners):
+                try:
+                    fn(name, data, stamp)
+                except Exception:  # noqa: BLE001
+                    log.exception("event listener failed")
+        self.loop.call_soon_threadsafe(deliver)
+
+    # ---- start-up --------------------------------------------------------------------
+
+    async def start(self):
+        self.loop = asyncio.get_running_loop()
+        self.quit_event = asyncio.Event()
+        a = self.args
+        snap = None
+        mem = parse_mem(a.m) if a.m else None
+        tcp_incoming = None
+        if a.incoming:
+            kind, sep, rest = a.incoming.partition(":")
+            if kind == "file" and rest:
+                # read and verify the whole snapshot before creating anything
+                snap = snapshot.read_file(rest)
+                mem = mem or snap.info["mem_size"]
+            elif kind == "tcp":
+                tcp_incoming = a.incoming
+            else:
+                raise ColocoreError("--incoming %r: use file:PATH or tcp:HOST:PORT" % a.incoming)
+        elif not a.kernel:
+            raise ColocoreError("nothing to run: give --kernel NAME|PATH or --incoming file:PATH|tcp:HOST:PORT")
+        mem = mem or (256 << 20)
+        self._build(mem, tcp_incoming)
+        m = self.machine
+        if snap is not None:
+            m.set_runstate("inmigrate")
+            snapshot.load(snap, m, a.incoming[5:])
+            log.info("%s: restored from %s", self.name, a.incoming)
+        elif tcp_incoming:
+            m.set_runstate("inmigrate")
+        else:
+            m.boot(a.kernel, a.append or "")
+        m.console_out.attach(self.loop.call_soon_threadsafe)
+        m.serial_out.attach(self.loop.call_soon_threadsafe)
+        if self.arbiter is not None:
+            # before the guest runs: no byte leaves unless the arbiter says this node serves
+            self.arbiter.attach(m, self.colo, self.migration, self.incoming, self.settings,
+                                self.loop, self.emit_event, self._leave)
+            if tcp_incoming:
+                self.arbiter.start_incoming(tcp_incoming, mem)
+            else:
+                self.arbiter.start_serving()
+            self.arbiter.auto_protect_tick()
+        # A destination opens its guest chardevs only when it starts serving: before
+        # that, a client must not talk to a guest that is not the live one.
+        await self._open_chardevs(("monitor", "qmp") if tcp_incoming
+                                  else ("console", "serial", "monitor", "qmp"))
+        m.start_thread()
+        if tcp_incoming:
+            self.incoming.start()
+        elif a.S:
+            if snap is not None:
+                m.set_runstate("paused")
+        else:
+            m.resume()
+        self._install_signals()
+
+    def _build(self, mem, tcp_incoming):
+        """Create the parts and hand each only what it uses."""
+        # an incoming listener binds first: a busy port fails before a VM is created
+        listener = Listener(tcp_incoming) if tcp_incoming else None
+        self.machine = m = Machine(mem, self.name, on_event=self.emit_event)
+        self.settings = MigrationSettings(colo_supported=colo_supported(m))
+        verify = bool(getattr(self.args, "colo_verify", False))
+        self.colo = Colo(m, self.settings, self.emit_event, serve=self._serve_from_thread,
+                         migration_over=lambda: self.migration.colo_finished(), verify=verify)
+        self.migration = Migration(
+            m, self.settings, self.emit_event,
+            on_colo=lambda ch: self.colo.run_primary(ch, Checkpointer(m, self.settings, verify)))
+        self.settings.on_parameter_change = self._parameter_changed
+        if listener is not None:
+            self.incoming = Incoming(m, self.settings, listener,
+                                     set_status=self.migration.set_incoming_status,
+                                     on_done=self._serve_from_thread,
+                                     on_colo=self.colo.run_secondary)
+        self.commands = Commands(m, self.settings, self.migration, self.colo,
+                                 self.emit_event, self.request_quit, arbiter=self.arbiter)
+        self.hmp = Hmp(self.commands)
+
+    def _parameter_changed(self, name, value):
+        if name == "x-checkpoint-delay" and self.colo.mode == "primary":
+            self.colo.trigger.set()         # QEMU: a new delay takes effect with a checkpoint now
+
+    def _serve_from_thread(self):
+        """A destination starts serving (end of a plain migration, or a takeover): open its
+        guest chardevs, then run its guest. Called from the incoming or takeover thread."""
+        asyncio.run_coroutine_threadsafe(self._open_chardevs(("console", "serial")),
+                                         self.loop).result()
+        self.machine.resume()
+
+    async def _open_chardevs(self, which):
+        m = self.machine
+        for what in which:
+            if what not in self.specs or what in self.chardevs:
+                continue
+            cd = Chardev(self.specs[what], what, shared=(what in ("monitor", "qmp")))
+            await cd.open(self.loop)
+            self.chardevs[what] = cd
+            if what == "console":
+                def console_input(data, client):
+                    if not m.console.feed(data) and client is not None:
+                        client.transport.pause_reading()
+                        self._paused_clients.append(client)
+                    m.platform.wake()
+                cd.on_input = console_input
+                m.console_out._deliver = cd.write
+                m.console.on_rx_space = lambda: self.loop.call_soon_threadsafe(self._resume_clients)
+            elif what == "serial":
+                cd.on_input = lambda data, client: m.uart.feed(data)
+                m.serial_out._deliver = cd.write
+            elif what == "monitor":
+                attach_monitor(self.hmp, cd)
+            elif what == "qmp":
+                attach_qmp(QmpCommands(self.commands, self.hmp), cd, self.event_listeners)
+
+    def _resume_clients(self):
+        while self._paused_clients:
+            c = self._paused_clients.pop()
+            if c.transport is not None and not c.transport.is_closing():
+                c.transport.resume_reading()
+
+    def _install_signals(self):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            try:
+                self.loop.add_signal_handler(sig, self.request_quit)
+            except (ValueError, RuntimeError):
+                pass
+
+    # ---- the life of the process -----------------------------------------------------
+
+    def _leave(self, status):
+        """Any thread: quit with this exit status (the arbiter: this node stops serving)."""
+        self.exit_status = status
+        self.request_quit()
+
+    def request_quit(self):
+        if self.quit_event is not None:
+            self.loop.call_soon_threadsafe(self.quit_event.set)
+
+    async def run(self):
+        await self.start()
+        log.info("%s: %s (pid %d)", self.name, format_status(self.commands.query_status()),
+                 os.getpid())
+        await self.quit_event.wait()
+        self.shutdown()
+
+    def shutdown(self):
+        if self.incoming is not None:
+            self.incoming.close()
+        if self.colo is not None:
+            self.colo.close()
+        if self.arbiter is not None:
+            self.arbiter.close()        # the fence closes before the lease goes back
+        if self.machine is not None:
+            self.machine.close()
+        for cd in self.chardevs.values():
+            cd.close()

@@ -1,0 +1,76 @@
+"""Migration capabilities and parameters, in QEMU's names, order and units."""
+from colocore.errors import ColocoreError
+
+# The order QEMU 7.2's `info migrate_capabilities` prints; colocore lists the ones it
+# implements.
+CAPABILITY_ORDER = ("xbzrle", "compress", "events", "x-colo", "return-path")
+
+# name -> (default, unit for `info migrate_parameters`, minimum, maximum)
+PARAMETERS = {
+    "downtime-limit": (300, "ms", 0, 2000),
+    "max-bandwidth": (134217728, "bytes/second", 0, 1 << 40),
+    "xbzrle-cache-size": (67108864, "bytes", 0, 1 << 34),
+    "x-checkpoint-delay": (200, "ms", 0, 1 << 31),
+    "x-colo-heartbeat": (0, "ms", 0, 1 << 31),
+}
+PARAMETER_ORDER = ("downtime-limit", "max-bandwidth", "xbzrle-cache-size",
+                   "x-checkpoint-delay", "x-colo-heartbeat")
+
+
+def parse_size(text):
+    t = str(text).strip()
+    mult = 1
+    suffixes = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "b": 1}
+    if t and t[-1].lower() in suffixes:
+        mult, t = suffixes[t[-1].lower()], t[:-1]
+    try:
+        return int(float(t) * mult)
+    except ValueError:
+        raise ColocoreError("%r is not a number" % text) from None
+
+
+class MigrationSettings:
+    """Capabilities and parameters of one node (changed from the control thread)."""
+
+    def __init__(self, colo_supported):
+        self.colo_supported = colo_supported
+        self.capabilities = {name: False for name in self.capability_names()}
+        self.parameters = {name: spec[0] for name, spec in PARAMETERS.items()}
+        self.on_parameter_change = lambda name, value: None
+
+    def capability_names(self):
+        return [c for c in CAPABILITY_ORDER if c != "x-colo" or self.colo_supported]
+
+    def check_capability(self, name):
+        if name == "x-colo" and not self.colo_supported:
+            raise ColocoreError("COLO is not supported on this host: it needs KVM with dirty "
+                                "logging; x-colo cannot be enabled")
+        if name not in self.capabilities:
+            raise ColocoreError("Capability '%s' not found" % name)
+
+    def set_capability(self, name, state):
+        self.check_capability(name)
+        self.capabilities[name] = bool(state)
+
+    def check_parameter(self, name, value):
+        """The value `name` would take, or a ColocoreError saying why not. Changes nothing."""
+        if name not in PARAMETERS:
+            raise ColocoreError("Parameter '%s' not found; known: %s"
+                                % (name, ", ".join(PARAMETER_ORDER)))
+        _, unit, lo, hi = PARAMETERS[name]
+        v = parse_size(value) if unit in ("bytes", "bytes/second") else value
+        try:
+            v = int(v)
+        except (TypeError, ValueError):
+            raise ColocoreError("Parameter '%s' expects a number, got %r" % (name, value)) from None
+        if not lo <= v <= hi:
+            raise ColocoreError("Parameter '%s' expects a value between %d and %d" % (name, lo, hi))
+        if name == "xbzrle-cache-size" and v and (v < 4096 * 16 or v & (v - 1)):
+            raise ColocoreError("Parameter 'xbzrle-cache-size' must be a power of two of at "
+                                "least 64 KiB, got %d" % v)
+        return v
+
+    def set_parameter(self, name, value):
+        v = self.check_parameter(name, value)
+        self.parameters[name] = v
+        self.on_parameter_change(name, v)

@@ -1,0 +1,435 @@
+"""`colocore bench pipeline`: what one checkpoint's memory work costs on this machine.
+
+Measured in one run, so the ratios compare like with like:
+  memcpy        the physical reference: one memcpy of a buffer as big as the gather batch
+  gather        dirty pages (random pfns, ascending) copied out of guest RAM into staging,
+                with zero-page detection
+  delta         XBZRLE encode/decode of pages with 1-5% of their bytes changed
+  lz4           batch compress/decompress of the staged pages, next to python-lz4 on
+                one big buffer of the same data
+  harvest       KVM dirty-log harvest (GET + CLEAR + bitmap -> pfn list) of a 256 MiB and a
+                4 GiB memslot with 0/1/10/100% of pages written by a real guest
+Page mix: zero pages, text-like pages (words), sparse binary pages (mostly zero with a
+few non-zero 8-byte words: page tables, heaps) and random pages (compressed or encrypted
+data). GB/s are page bytes processed per second (1 GB = 1e9 bytes); each figure is the
+median of several runs after a warm-up.
+
+Guest writes are the only writes KVM's dirty log sees, so the harvest benchmark runs a
+tiny CPL-3 guest (`PageWritingGuest`) that stores one byte to each page of a list.
+"""
+import array
+import ctypes
+import fcntl
+import json
+import mmap
+import os
+import random
+import statistics
+import struct
+import sys
+import time
+
+PAGE = 4096
+MIB = 1 << 20
+
+
+# ---- a guest that dirties chosen pages ------------------------------------------------
+
+_KVM_CREATE_VM = 0xAE01
+_KVM_GET_VCPU_MMAP_SIZE = 0xAE04
+_KVM_CREATE_VCPU = 0xAE41
+_KVM_RUN = 0xAE80
+_KVM_SET_USER_MEMORY_REGION = 0x4020AE46
+_KVM_GET_SREGS = 0x8138AE83
+_KVM_SET_SREGS = 0x4138AE84
+_KVM_SET_REGS = 0x4090AE82
+_KVM_EXIT_MMIO = 6
+_MAP_NORESERVE = 0x4000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def _anon_map(size):
+    addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                      mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        e = ctypes.get_errno()
+        raise OSError(e, "cannot map %d bytes: %s" % (size, os.strerror(e)))
+    return addr
+
+
+class PageWritingGuest:
+    """A VM whose CPL-3 guest stores one byte into each page of a list, then exits.
+
+    Slot 0 (8 MiB at GPA 0) holds page tables, GDT/TSS, code, and the page list; slot 1 is
+    the measured slot (`slot_size` bytes at GPA 4 GiB, MAP_NORESERVE, dirty logging on).
+    `write_pages(pfns)` puts the list in guest memory and runs the guest until it stores
+    to the DONE doorbell (an unbacked address: an MMIO exit). Use as a context manager:
+    it unmaps everything on exit.
+    """
+    LOW_SIZE = 8 * MIB
+    SLOT_GPA = 4 << 30
+    DONE = 12 << 30                  # unbacked: the store exits with KVM_EXIT_MMIO
+    LIST, COUNT = 0x400000, 0x3FF000
+    PML4, PDPT, PD = 0x1000, 0x2000, 0x3000
+    GDT, TSS, KCODE, UCODE = 0x500, 0x600, 0x20000, 0x21000   # PDs end at 0x13000
+    MEASURED_SLOT = 1
+
+    def __init__(self, slot_size, manual_protect=True):
+        from colocore_ext.dirtylog import enable_manual_protect
+        self.slot_size = slot_size
+        self.kvm = self.vm = self.vcpu = -1
+        self.low = self.mem = None
+        self.run_map = None
+        try:
+            self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+            self.vm = fcntl.ioctl(self.kvm, _KVM_CREATE_VM, 0)
+            # (no KVM_SET_TSS_ADDR: this guest never runs in real mode)
+            # Before any dirty-logged memslot exists, as the kernel requires.
+            self.manual_protect = enable_manual_protect(self.vm) if manual_protect else False
+            self.low = _anon_map(self.LOW_SIZE)
+            self.mem = _anon_map(slot_size)
+            self._set_region(0, 0, 0, self.LOW_SIZE, self.low)
+            self._set_region(self.MEASURED_SLOT, 1, self.SLOT_GPA, slot_size, self.mem)
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _set_region(self, slot, flags, gpa, size, addr):
+        fcntl.ioctl(self.vm, _KVM_SET_USER_MEMORY_REGION,
+                    struct.pack("IIQQQ", slot, flags, gpa, size, addr))
+
+    def _poke(self, gpa, data):
+        ctypes.memmove(self.low + gpa, data, len(data))
+
+    def _build(self):
+        # identity map of 0..16 GiB, 2 MiB pages, user accessible
+        self._poke(self.PML4, struct.pack("<Q", self.PDPT | 7))
+        self._poke(self.PDPT, struct.pack("<16Q", *[(self.PD + j * 0x1000) | 7 for j in range(16)]))
+        for j in range(16):
+            self._poke(self.PD + j * 0x1000,
+                       struct.pack("<512Q", *[((j * 512 + i) << 21) | 0x87 for i in range(512)]))
+        gdt = [0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00CFF3000000FFFF,
+               0x00AFFB000000FFFF]
+        self._poke(self.GDT, struct.pack("<5Q", *gdt))
+        # CPL 0: iretq to the user code (ss=0x1b, rsp, rflags, cs=0x23, rip)
+        self._poke(self.KCODE, b"\x6A\x1B" + b"\x68" + struct.pack("<I", 0x80000)
+                   + b"\x68" + struct.pack("<I", 2) + b"\x6A\x23"
+                   + b"\x68" + struct.pack("<I", self.UCODE) + b"\x48\xCF")
+        # CPL 3:      mov rbx, SLOT_GPA
+        # start:      mov rsi, LIST ; mov ecx, [COUNT]
+        # loop:       test ecx, ecx ; jz done
+        #             mov eax, [rsi] ; shl rax, 12 ; mov [rbx+rax], dl ; add rsi, 4
+        #             dec ecx ; jmp loop
+        # done:       movabs [DONE], al ; jmp start
+        code = (b"\x48\xBB" + struct.pack("<Q", self.SLOT_GPA)
+                + b"\x48\xBE" + struct.pack("<Q", self.LIST)
+                + b"\x8B\x0C\x25" + struct.pack("<I", self.COUNT)
+                + b"\x85\xC9" + b"\x74\x11"
+                + b"\x8B\x06" + b"\x48\xC1\xE0\x0C" + b"\x88\x14\x03" + b"\x48\x83\xC6\x04"
+                + b"\xFF\xC9" + b"\xEB\xEB"
+                + b"\xA2" + struct.pack("<Q", self.DONE)
+                + b"\xEB\xCF")
+        self._poke(self.UCODE, code)
+        self.vcpu = fcntl.ioctl(self.vm, _KVM_CREATE_VCPU, 0)
+        size = fcntl.ioctl(self.kvm, _KVM_GET_VCPU_MMAP_SIZE, 0)
+        self.run_map = mmap.mmap(self.vcpu, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        sregs = bytearray(312)
+        fcntl.ioctl(self.vcpu, _KVM_GET_SREGS, sregs)
+
+        def seg(i, sel, typ, l, db, base=0, limit=0xFFFFFFFF, s=1, g=1):
+            struct.pack_into("QIHBBBBBBBBBB", sregs, i * 24, base, limit, sel, typ, 1, 0, db,
+                             s, l, g, 0, 0, 0)
+        seg(0, 0x08, 11, 1, 0)
+        for i in (1, 2, 3, 4, 5):
+            seg(i, 0x10, 3, 0, 1)
+        seg(6, 0x28, 11, 0, 0, base=self.TSS, limit=0x67, s=0, g=0)
+        struct.pack_into("QH", sregs, 8 * 24, self.GDT, 5 * 8 - 1)
+        struct.pack_into("Q", sregs, 224, 0x80000031)      # cr0 PE ET NE PG
+        struct.pack_into("Q", sregs, 240, self.PML4)        # cr3
+        struct.pack_into("Q", sregs, 248, 0x20)             # cr4 PAE
+        struct.pack_into("Q", sregs, 264, 0x500)            # efer LME LMA
+        fcntl.ioctl(self.vcpu, _KVM_SET_SREGS, sregs)
+        regs = bytearray(144)
+        struct.pack_into("Q", regs, 6 * 8, 0x70000)
+        struct.pack_into("Q", regs, 16 * 8, self.KCODE)
+        struct.pack_into("Q", regs, 17 * 8, 2)
+        fcntl.ioctl(self.vcpu, _KVM_SET_REGS, regs)
+
+    def dirty_log(self):
+        from colocore_ext.dirtylog import DirtyLog
+        return DirtyLog(self.vm, self.MEASURED_SLOT, self.mem, self.slot_size,
+                        manual_protect=self.manual_protect, gpa_base=self.SLOT_GPA)
+
+    def write_pages(self, pfns):
+        """Run the guest once: it writes one byte to each slot-relative page in `pfns`."""
+        pfns = array.array("I", pfns)
+        if len(pfns) * 4 > self.LOW_SIZE - self.LIST:
+            raise ValueError("page list too long for the guest")
+        if len(pfns):
+            ctypes.memmove(self.low + self.LIST, pfns.buffer_info()[0], len(pfns) * 4)
+        self._poke(self.COUNT, struct.pack("<I", len(pfns)))
+        fcntl.ioctl(self.vcpu, _KVM_RUN, 0)
+        reason = struct.unpack_from("I", self.run_map, 8)[0]
+        gpa = struct.unpack_from("Q", self.run_map, 32)[0]
+        if reason != _KVM_EXIT_MMIO or gpa != self.DONE:
+            raise RuntimeError("page-writing guest stopped with exit %d (gpa 0x%x)" % (reason, gpa))
+
+    def close(self):
+        if self.run_map is not None:
+            self.run_map.close()
+            self.run_map = None
+        for name in ("vcpu", "vm", "kvm"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+        if self.mem:
+            _libc.munmap(self.mem, self.slot_size)
+            self.mem = None
+        if self.low:
+            _libc.munmap(self.low, self.LOW_SIZE)
+            self.low = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---- page mixes -------------------------------------------------------------------------
+
+_WORDS = ("the of and to in is that for it as was with be by on not he this are or his "
+          "from at which but have an they you were her she there been one all we their "
+          "checkpoint primary secondary memory page dirty guest kernel buffer socket "
+          "failover replica network packet device console virtqueue interrupt timer "
+          "request response error warning info debug value key index count size offset "
+          "0 1 2 3 10 42 100 255 1024 4096 65536 /usr/lib /var/log /etc/hosts GET POST "
+          "HTTP/1.1 200 404 json true false null {\"id\": [\"name\", ").split()
+_INC = bytes((i + 1) & 0xFF for i in range(256))      # every byte changes under this map
+
+
+def make_page_mix(npages, rnd):
+    """Guest-RAM-like pages: 25% zero, 35% text, 25% sparse binary, 15% random."""
+    kinds = ["zero"] * 25 + ["text"] * 35 + ["sparse"] * 25 + ["random"] * 15
+    ram = bytearray(npages * PAGE)
+    text = " ".join(rnd.choices(_WORDS, k=int(npages * 0.35 * PAGE / 5) + 2048)).encode()
+    tpos = 0
+    for p in range(npages):
+        kind = kinds[rnd.randrange(100)]
+        off = p * PAGE
+        if kind == "text":
+            if tpos + PAGE > len(text):
+                tpos = 0
+            ram[off:off + PAGE] = text[tpos:tpos + PAGE]
+            tpos += PAGE
+        elif kind == "sparse":
+            for _ in range(rnd.randrange(16, 96)):
+                w = rnd.randrange(512) * 8
+                ram[off + w:off + w + 8] = rnd.getrandbits(40).to_bytes(8, "little")
+        elif kind == "random":
+            ram[off:off + PAGE] = os.urandom(PAGE)
+    return ram
+
+
+def change_pages(old, rnd, lo=0.01, hi=0.05):
+    """A copy of `old` with lo..hi of each page's bytes changed, in runs of 1-64 bytes."""
+    new = bytearray(old)
+    for off in range(0, len(old), PAGE):
+        budget = int(PAGE * rnd.uniform(lo, hi))
+        while budget > 0:
+            n = min(budget, rnd.choice((1, 2, 4, 8, 8, 8, 8, 16, 16, 32, 64)))
+            o = off + rnd.randrange(PAGE - n)
+            new[o:o + n] = bytes(new[o:o + n]).translate(_INC)
+            budget -= n
+    return new
+
+
+# ---- measuring ----------------------------------------------------------------------------
+
+def _median_time(fn, reps):
+    fn()                                    # warm-up (page faults, caches)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _gbps(nbytes, seconds):
+    return nbytes / seconds / 1e9
+
+
+def bench_codecs(reps=15, ram_mib=64, batch_pages=4096, delta_pages=2048, seed=1):
+    import lz4.block
+    from colocore_ext import lz4batch, pages, xbzrle
+    rnd = random.Random(seed)
+    res = {}
+    ram = make_page_mix(ram_mib * MIB // PAGE, rnd)
+    nbytes = batch_pages * PAGE
+    src = bytearray(os.urandom(nbytes))
+    dst = bytearray(nbytes)
+    res["memcpy_gbps"] = _gbps(nbytes, _median_time(lambda: pages.copy(dst, src), reps))
+
+    pfns = array.array("I", sorted(rnd.sample(range(len(ram) // PAGE), batch_pages)))
+    staging = bytearray(nbytes)
+    res["gather_gbps"] = _gbps(nbytes, _median_time(lambda: pages.gather(ram, pfns, staging), reps))
+    n_nonzero, zero_flags = pages.gather(ram, pfns, staging)
+    res["gather_zero_pages"] = batch_pages - n_nonzero
+    scatter_dest = bytearray(len(ram))
+    res["scatter_gbps"] = _gbps(nbytes, _median_time(
+        lambda: pages.scatter(scatter_dest, pfns, staging), reps))
+    res["page_hash_gbps"] = _gbps(nbytes, _median_time(lambda: pages.page_hashes(ram, pfns), reps))
+
+    # deltas: non-zero pages of the mix, 1-5% of their bytes changed
+    nz = [p for p in range(len(ram) // PAGE) if not pages.is_zero_page(ram[p * PAGE:(p + 1) * PAGE])]
+    chosen = rnd.sample(nz, delta_pages)
+    old = bytearray(b"".join(ram[p * PAGE:(p + 1) * PAGE] for p in chosen))
+    new = change_pages(old, rnd)
+    dbytes = len(new)
+    out = bytearray(dbytes)
+    lengths = array.array("i", bytes(4 * delta_pages))
+    res["delta_encode_gbps"] = _gbps(dbytes, _median_time(
+        lambda: xbzrle.encode_batch(new, old, out, lengths), reps))
+    used = xbzrle.encode_batch(new, old, out, lengths)
+    res["delta_ratio"] = used / dbytes
+    res["delta_overflow_pages"] = sum(1 for n in lengths if n < 0)
+    deltas = bytes(out[:used])
+    target = bytearray(old)
+    res["delta_decode_gbps"] = _gbps(dbytes, _median_time(
+        lambda: xbzrle.decode_batch(deltas, lengths, target), reps))
+    if target != new:
+        raise AssertionError("xbzrle round trip failed in the benchmark")
+    res["delta_encode_identical_gbps"] = _gbps(dbytes, _median_time(
+        lambda: xbzrle.encode_batch(old, old, out, lengths), reps))
+    rnd_old, rnd_new = os.urandom(dbytes), os.urandom(dbytes)
+    res["delta_encode_random_gbps"] = _gbps(dbytes, _median_time(
+        lambda: xbzrle.encode_batch(rnd_new, rnd_old, out, lengths), reps))
+
+    # lz4 on the staged batch (the gathered pages, zero pages included as sent raw data)
+    batch = bytes(staging)
+    res["lz4_gbps"] = _gbps(nbytes, _median_time(lambda: lz4batch.compress(batch), reps))
+    res["lz4_reference_gbps"] = _gbps(nbytes, _median_time(
+        lambda: lz4.block.compress(batch, store_size=False), reps))
+    blob = lz4batch.compress(batch)
+    ref_blob = lz4.block.compress(batch, store_size=False)
+    res["lz4_ratio"] = len(blob) / nbytes
+    res["lz4_decompress_gbps"] = _gbps(nbytes, _median_time(
+        lambda: lz4batch.decompress(blob, nbytes), reps))
+    res["lz4_reference_decompress_gbps"] = _gbps(nbytes, _median_time(
+        lambda: lz4.block.decompress(ref_blob, uncompressed_size=nbytes), reps))
+    res["lz4_library"] = lz4batch.LIBRARY
+    return res
+
+
+HARVEST_SLOTS = (("256mib", 256 * MIB), ("4gib", 4096 * MIB))
+HARVEST_FRACTIONS = (("0pct", 0.0), ("1pct", 0.01), ("10pct", 0.10), ("100pct", 1.0))
+
+
+def bench_harvest(rounds=9, seed=2):
+    """Median harvest time in microseconds per slot size and dirty fraction."""
+    rnd = random.Random(seed)
+    res = {}
+    for slot_name, size in HARVEST_SLOTS:
+        npages = size // PAGE
+        with PageWritingGuest(size) as guest:
+            res["harvest_manual_protect"] = guest.manual_protect
+            log = guest.dirty_log()
+            log.harvest()                   # INITIALLY_SET: the first harvest is everything
+            for frac_name, frac in HARVEST_FRACTIONS:
+                n = int(npages * frac)
+                runs = rounds if n < 100000 else 3
+                times, clears = [], []
+                for _ in range(runs):
+                    dirty = range(npages) if n == npages else sorted(rnd.sample(range(npages), n))
+                    guest.write_pages(dirty)
+                    t = time.perf_counter_ns()
+                    got = log.harvest()
+                    times.append((time.perf_counter_ns() - t) / 1e3)
+                    clears.append(log.last_clear_us)
+                    if len(got) != n:
+                        raise AssertionError("harvest found %d pages, the guest wrote %d"
+                                             % (len(got), n))
+                key = "harvest_us_%s_%s" % (slot_name, frac_name)
+                res[key] = statistics.median(times)
+                res[key.replace("harvest_us", "harvest_clear_us")] = statistics.median(clears)
+    return res
+
+
+def kvm_available():
+    return os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def run(args):
+    """Every stage; returns the figures."""
+    harvest = not getattr(args, "no_harvest", False)
+    res = bench_codecs()
+    if harvest and kvm_available():
+        res.update(bench_harvest())
+    else:
+        res["harvest_us_256mib_1pct"] = None
+        res["harvest_skipped"] = "no usable /dev/kvm" if harvest else "--no-harvest"
+    m = res["memcpy_gbps"]
+    res["ratios"] = {
+        "gather_vs_memcpy": res["gather_gbps"] / m,
+        "delta_encode_vs_memcpy": res["delta_encode_gbps"] / m,
+        "delta_decode_vs_memcpy": res["delta_decode_gbps"] / m,
+        "lz4_vs_reference": res["lz4_gbps"] / res["lz4_reference_gbps"],
+    }
+    return res
+
+
+TARGETS = (("gather_vs_memcpy", ">=", 0.7), ("delta_encode_vs_memcpy", ">=", 0.5),
+           ("delta_decode_vs_memcpy", ">=", 0.7), ("lz4_vs_reference", ">=", 0.9))
+
+
+def format(res):
+    lines = ["colocore pipeline benchmark (GB/s = 1e9 page bytes per second, medians)", ""]
+    rows = [("memcpy (physical reference)", "memcpy_gbps"),
+            ("gather (with zero detection)", "gather_gbps"),
+            ("scatter", "scatter_gbps"),
+            ("page hashes", "page_hash_gbps"),
+            ("delta encode, 1-5% changed", "delta_encode_gbps"),
+            ("delta encode, identical", "delta_encode_identical_gbps"),
+            ("delta encode, random (overflow)", "delta_encode_random_gbps"),
+            ("delta decode, 1-5% changed", "delta_decode_gbps"),
+            ("lz4 batch compress", "lz4_gbps"),
+            ("python-lz4 compress, same buffer", "lz4_reference_gbps"),
+            ("lz4 batch decompress", "lz4_decompress_gbps"),
+            ("python-lz4 decompress, same buffer", "lz4_reference_decompress_gbps")]
+    for label, key in rows:
+        lines.append("  %-36s %8.2f GB/s" % (label, res[key]))
+    lines.append("  %-36s %8.3f (overflow pages: %d)" % ("delta size / page size", res["delta_ratio"],
+                                                          res["delta_overflow_pages"]))
+    lines.append("  %-36s %8.3f" % ("lz4 size / batch size", res["lz4_ratio"]))
+    lines.append("")
+    if res.get("harvest_us_256mib_1pct") is None:
+        lines.append("  dirty-log harvest: skipped (%s)" % res.get("harvest_skipped"))
+    else:
+        lines.append("  dirty-log harvest, us (of which KVM_CLEAR_DIRTY_LOG); manual protect: %s"
+                     % res["harvest_manual_protect"])
+        lines.append("  %-10s" % "slot" + "".join("%18s" % f for f, _ in HARVEST_FRACTIONS))
+        for slot_name, _ in HARVEST_SLOTS:
+            cells = ""
+            for frac_name, _ in HARVEST_FRACTIONS:
+                k = "%s_%s" % (slot_name, frac_name)
+                cells += "%18s" % ("%.0f (%.0f)" % (res["harvest_us_" + k], res["harvest_clear_us_" + k]))
+            lines.append("  %-10s" % slot_name + cells)
+    lines.append("")
+    lines.append("  targets (ratios measured in this run):")
+    for key, op, want in TARGETS:
+        got = res["ratios"][key]
+        lines.append("  %-28s %6.2f  (target %s %.1f) %s" % (key, got, op, want,
+                                                             "ok" if got >= want else "SHORT"))
+    h = res.get("harvest_us_256mib_1pct")
+    if h is not None:
+        lines.append("  %-28s %6.0f  (target <= 100 us) %s" % ("harvest 256 MiB, 1% dirty", h,
+                                                             "ok" if h <= 100 else "SHORT"))
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""Test hosts in network namespaces (pyroute2): a small lab of hosts joined by veth
+links, so that replication crosses a real network path that tests can cut.
+
+    with Lab("cc") as lab:
+        a = lab.host("a", "10.77.0.1")
+        b = lab.host("b", "10.77.0.2")
+        lab.link(a, b)
+        ... run nodes with argv prefix lab.exec_prefix(a) ...
+        lab.set_link(a, up=False)      # a partition
+
+Three or more hosts that must be cut apart pair by pair (primary, secondary, etcd) are
+joined by `mesh()`: one veth pair per pair of hosts, each host's address on its loopback
+and a host route to every peer over their own link, so `cut(a, b)` parts exactly those
+two and `isolate(a)` cuts a host from everyone:
+
+    p, s, e = lab.host("p", "10.77.0.1"), lab.host("s", "10.77.0.2"), lab.host("e", "10.77.0.3")
+    lab.mesh(p, s, e)
+    lab.cut(p, s)                  # p and s no longer reach each other; both reach e
+    lab.heal(p, s)
+
+Every namespace and link the lab creates is deleted on close, also after a failure.
+Needs root (CAP_NET_ADMIN).
+"""
+import contextlib
+import ctypes
+import os
+
+from pyroute2 import IPRoute, NetNS, netns
+
+from colocore.errors import ColocoreError
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd):
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "setns: %s" % os.strerror(err))
+
+
+@contextlib.contextmanager
+def inside(host):
+    """Sockets this *thread* creates in the block belong to `host`'s namespace (setns acts
+    on the calling thread only; other threads stay where they are). A client thread of a
+    test can so live on a test host without a process of its own."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open("/run/netns/%s" % host.ns, os.O_RDONLY)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield host
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
+
+
+class Host:
+    def __init__(self, ns, address):
+        self.ns = ns
+        self.address = address
+        self.ifname = None
+        self.mesh_links = {}        # peer Host -> our end of the veth pair to it
+
+
+class Lab:
+    def __init__(self, prefix="colocore"):
+        self.prefix = "%s-%d" % (prefix, os.getpid())
+        self.hosts = []
+
+    def host(self, name, address):
+        ns = "%s-%s" % (self.prefix, name)
+        try:
+            netns.create(ns)
+        except OSError as exc:
+            raise ColocoreError("cannot create network namespace %s: %s (needs root)" % (ns, exc)) from None
+        h = Host(ns, address)
+        self.hosts.append(h)
+        with NetNS(ns) as n:
+            n.link("set", index=n.link_lookup(ifname="lo")[0], state="up")
+        return h
+
+    def link(self, a, b, prefixlen=24):
+        """A veth pair between two hosts, addressed and up."""
+        a.ifname = "v%d%s" % (os.getpid() % 100000, "a")
+        b.ifname = "v%d%s" % (os.getpid() % 100000, "b")
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=a.ifname, kind="veth",
+                     peer={"ifname": b.ifname, "net_ns_fd": b.ns})
+            ipr.link("set", index=ipr.link_lookup(ifname=a.ifname)[0], net_ns_fd=a.ns)
+        for h in (a, b):
+            with NetNS(h.ns) as n:
+                i = n.link_lookup(ifname=h.ifname)[0]
+                n.addr("add", index=i, address=h.address, prefixlen=prefixlen)
+                n.link("set", index=i, state="up")
+
+    def set_link(self, host, up):
+        """Bring a host's end of its link up or down (down = a network partition)."""
+        with NetNS(host.ns) as n:
+            n.link("set", index=n.link_lookup(ifname=host.ifname)[0], state="up" if up else "down")
+
+    def mesh(self, *hosts):
+        """A veth pair between every two of `hosts`. Each host's address lives on its
+        loopback (/32) and reaches each peer by a host route over their own link, so a
+        link down parts exactly two hosts and nothing reroutes around it."""
+        tag = os.getpid() % 10000
+        for i, a in enumerate(hosts):
+            with NetNS(a.ns) as n:
+                n.addr("add", index=n.link_lookup(ifname="lo")[0], address=a.address, prefixlen=32)
+        for i, a in enumerate(hosts):
+            for j in range(i + 1, len(hosts)):
+                b = hosts[j]
+                # both ends are created in this namespace before they move: unique names
+                ends = {a: "m%04d%d%d" % (tag, i, j), b: "m%04d%d%d" % (tag, j, i)}
+                with IPRoute() as ipr:
+                    ipr.link("add", ifname=ends[a], kind="veth",
+                             peer={"ifname": ends[b], "net_ns_fd": b.ns})
+                    ipr.link("set", index=ipr.link_lookup(ifname=ends[a])[0], net_ns_fd=a.ns)
+                for me, peer in ((a, b), (b, a)):
+                    me.mesh_links[peer] = ends[me]
+                    with NetNS(me.ns) as n:
+                        idx = n.link_lookup(ifname=ends[me])[0]
+                        n.link("set", index=idx, state="up")
+                        # on-link host route: the peer answers ARP for its loopback address
+                        n.route("add", dst="%s/32" % peer.address, oif=idx, prefsrc=me.address,
+                                scope=253)
+
+    def _mesh_state(self, a, b, up):
+        if b not in a.mesh_links:
+            raise ColocoreError("hosts %s and %s are not joined by mesh()" % (a.ns, b.ns))
+        for me, peer in ((a, b), (b, a)):
+            with NetNS(me.ns) as n:
+                idx = n.link_lookup(ifname=me.mesh_links[peer])[0]
+                n.link("set", index=idx, state="up" if up else "down")
+                if up:
+                    # a link brought down loses its routes: put the host route back
+                    try:
+                        n.route("add", dst="%s/32" % peer.address, oif=idx,
+                                prefsrc=me.address, scope=253)
+                    except Exception as exc:  # noqa: BLE001 - only "exists" is expected
+                        if "exists" not in str(exc).lower():
+                            raise
+
+    def cut(self, a, b):
+        """A partition between two mesh hosts: both ends of their link go down."""
+        self._mesh_state(a, b, up=False)
+
+    def heal(self, a, b):
+        self._mesh_state(a, b, up=True)
+
+    def isolate(self, host):
+        """Cut `host` from every mesh peer (its machine is unplugged)."""
+        for peer in list(host.mesh_links):
+            self.cut(host, peer)
+
+    def rejoin(self, host):
+        for peer in list(host.mesh_links):
+            self.heal(host, peer)
+
+    @staticmethod
+    def exec_prefix(host):
+        return ["ip", "netns", "exec", host.ns]
+
+    def close(self):
+        for h in self.hosts:
+            try:
+                netns.remove(h.ns)      # the veth pair goes with its namespaces
+            except OSError:
+                pass
+        self.hosts = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

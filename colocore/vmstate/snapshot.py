@@ -1,0 +1,66 @@
+"""Whole-machine snapshots: `migrate file:PATH` and `--incoming file:PATH`.
+
+Writing: the vCPU is parked (finish-migrate) and every non-zero page, the vCPU and every
+device are written as one unit. Reading: the whole unit is read and every section
+verified (and decoded) before the first byte of guest state is touched, so a truncated,
+corrupted or foreign file changes nothing.
+"""
+import os
+
+from colocore.errors import ColocoreError, StreamError
+from colocore.vmstate import format as stream, unit as units
+from colocore.vmstate.format import Section
+from colocore.vmstate.sections import BATCH_PAGES, PAGE
+
+
+def save(machine, path, compress=True):
+    """Write the parked machine to `path` (atomically: a temporary, then a rename).
+    Returns (bytes written, non-zero pages)."""
+    tmp = path + ".part"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(stream.header())
+            w = units.UnitWriter(f.write)
+            w.json(Section.MACHINE, machine.machine_info())
+            mem = machine.memory
+            npages = w.pages(mem.ram, mem.all_pages(), bytearray(BATCH_PAGES * PAGE), compress,
+                             zero=False)
+            w.vcpu_and_devices(machine.vcpu.get_state(), machine.device_states())
+            w.end()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise ColocoreError("cannot write %s: %s" % (path, exc.strerror or exc)) from None
+    return w.bytes + stream.HEADER.size, npages
+
+
+def read_file(path):
+    """Read and verify a snapshot; return its Unit (nothing applied)."""
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise ColocoreError("cannot open %s: %s" % (path, exc.strerror or exc)) from None
+    with f:
+        r = stream.file_reader(f, "snapshot %s" % path)
+        r.read_header()
+        unit = units.read_unit(r, "snapshot")
+        if f.read(1):
+            raise StreamError("snapshot %s: trailing bytes after the END section" % path)
+    return unit
+
+
+def load(unit, machine, path):
+    """Apply a snapshot read by read_file() to a new (never run) machine."""
+    size = unit.info["mem_size"]
+    if size != machine.mem_size:
+        raise ColocoreError("the saved guest has %d MiB of memory, this node %d MiB; start "
+                            "it with -m %dM" % (size >> 20, machine.mem_size >> 20, size >> 20))
+    units.check(unit, machine, "snapshot %s" % path)
+    units.apply(unit, machine)
+    machine.kernel = unit.info.get("kernel")
+    machine.append = unit.info.get("append", "")
