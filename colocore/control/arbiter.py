@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 
-from colocore.arbiter import Arbiter, Held, Stale
+from colocore.arbiter import Arbiter, Health, Held, Stale
 from colocore.arbiter.fence import safe_until
 from colocore.errors import ColocoreError
 
@@ -85,7 +85,7 @@ class ColoArbiter:
 
     @property
     def lost(self):
-        return self.arbiter.health.value == "lost the key"
+        return self.arbiter.health == Health.LOST
 
     # ---- start-up -------------------------------------------------------------------
 
@@ -336,7 +336,7 @@ class ColoArbiter:
     def may_auto_protect(self):
         a = self.arbiter
         return (self.spec.protect == "auto" and a.role == "serving" and a.pair is None
-                and not a.pair_pending and a.health.value == "healthy"
+                and not a.pair_pending and a.health == Health.HEALTHY
                 and self.override is None and bool(a.standbys))
 
     # ---- reporting -------------------------------------------------------------------------

@@ -24,6 +24,8 @@ Needs root (CAP_NET_ADMIN).
 import contextlib
 import ctypes
 import os
+import secrets
+import time
 
 from pyroute2 import IPRoute, NetNS, netns
 
@@ -31,6 +33,18 @@ from colocore.errors import ColocoreError
 
 
 CLONE_NEWNET = 0x40000000
+
+
+def _lookup(ipr, ifname, timeout=2.0):
+    """The index of `ifname`; a link just created or moved can take a moment to show."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = ipr.link_lookup(ifname=ifname)
+        if found:
+            return found[0]
+        if time.monotonic() > deadline:
+            raise ColocoreError("network link %s did not appear" % ifname)
+        time.sleep(0.01)
 
 
 def _setns(fd):
@@ -108,23 +122,23 @@ class Lab:
         """A veth pair between every two of `hosts`. Each host's address lives on its
         loopback (/32) and reaches each peer by a host route over their own link, so a
         link down parts exactly two hosts and nothing reroutes around it."""
-        tag = os.getpid() % 10000
-        for i, a in enumerate(hosts):
+        tag = secrets.token_hex(2)       # another lab (another process) may be building too
+        for a in hosts:
             with NetNS(a.ns) as n:
                 n.addr("add", index=n.link_lookup(ifname="lo")[0], address=a.address, prefixlen=32)
         for i, a in enumerate(hosts):
             for j in range(i + 1, len(hosts)):
                 b = hosts[j]
-                # both ends are created in this namespace before they move: unique names
-                ends = {a: "m%04d%d%d" % (tag, i, j), b: "m%04d%d%d" % (tag, j, i)}
+                # both ends are created here, then each moves to its host by index
+                ends = {a: "m%s%d%d" % (tag, i, j), b: "m%s%d%d" % (tag, j, i)}
                 with IPRoute() as ipr:
-                    ipr.link("add", ifname=ends[a], kind="veth",
-                             peer={"ifname": ends[b], "net_ns_fd": b.ns})
-                    ipr.link("set", index=ipr.link_lookup(ifname=ends[a])[0], net_ns_fd=a.ns)
+                    ipr.link("add", ifname=ends[a], kind="veth", peer=ends[b])
+                    for me in (a, b):
+                        ipr.link("set", index=_lookup(ipr, ends[me]), net_ns_fd=me.ns)
                 for me, peer in ((a, b), (b, a)):
                     me.mesh_links[peer] = ends[me]
                     with NetNS(me.ns) as n:
-                        idx = n.link_lookup(ifname=ends[me])[0]
+                        idx = _lookup(n, ends[me])
                         n.link("set", index=idx, state="up")
                         # on-link host route: the peer answers ARP for its loopback address
                         n.route("add", dst="%s/32" % peer.address, oif=idx, prefsrc=me.address,
@@ -135,7 +149,7 @@ class Lab:
             raise ColocoreError("hosts %s and %s are not joined by mesh()" % (a.ns, b.ns))
         for me, peer in ((a, b), (b, a)):
             with NetNS(me.ns) as n:
-                idx = n.link_lookup(ifname=me.mesh_links[peer])[0]
+                idx = _lookup(n, me.mesh_links[peer])
                 n.link("set", index=idx, state="up" if up else "down")
                 if up:
                     # a link brought down loses its routes: put the host route back

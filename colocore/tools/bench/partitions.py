@@ -122,6 +122,7 @@ class Service:
 
     def __init__(self, workdir=None, ttl_ms=1000, delay_ms=50, mem="256M", prefix="ccpt"):
         self._tmp = None
+        self.keep = False            # a failed run keeps its logs
         if workdir is None:
             self._tmp = tempfile.mkdtemp(prefix="colocore-partitions-")
             workdir = self._tmp
@@ -145,10 +146,10 @@ class Service:
                                    prefix=self.lab.exec_prefix(self.e))
             self.etcd.start()
         except BaseException:
+            self.keep = True
             self.close()
             raise
         self.key = "/bench/svc"
-        self.keep = False            # a failed run keeps its logs
         self.links = [(self.p, self.s), (self.p, self.e), (self.s, self.e)]
 
     def arbiter_arg(self, role):
