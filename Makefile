@@ -7,7 +7,7 @@ PYTHON ?= python3
 SOURCES := setup.py pyproject.toml constraints.txt $(wildcard colocore_ext/*.pyx colocore_ext/*.pxd guests/*.c guests/*.S guests/*.h guests/*.ld guests/*.py)
 PYTEST_ARGS ?=
 
-.PHONY: all install demo test bench clean etcd
+.PHONY: all install demo test test-tools bench clean etcd
 
 all: install
 
@@ -30,16 +30,32 @@ install: $(VENV)/.installed
 # The arbiter's tests, its benchmark and `make demo` run their own etcd (Debian's
 # etcd-server 3.4) as a child process; install the package where it is missing.
 etcd:
-	@command -v etcd >/dev/null || { \
-		if [ "$$(id -u)" = 0 ]; then \
-			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null); \
-		else echo "etcd is missing (the arbiter tests need it): run 'apt-get install etcd-server etcd-client' as root" >&2; fi; }
+	@command -v etcd >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "make: installing etcd-server etcd-client (etcd is missing)"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server etcd-client >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server etcd-client >/dev/null; }; \
+		else echo "make: etcd missing (the arbiter tests need it); as root: apt-get install etcd-server etcd-client" >&2; fi; }
 
 demo: install etcd
 	$(VENV)/bin/colocore demo
 	$(VENV)/bin/colocore demo --auto
 
-test: install etcd
+# The networked-guest tests drive the guest with Debian's Redis tools (redis-cli,
+# redis-benchmark) and measure redis-server beside it: install them where missing (as
+# root; redis-py comes with the "test" extra).
+test-tools: install
+	@missing=; for t in redis-cli redis-benchmark redis-server; do \
+		command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "make test: installing redis-tools redis-server (missing:$$missing)"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-tools redis-server >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-tools redis-server >/dev/null; }; \
+		else echo "make test:$$missing missing; install redis-tools and redis-server (as root: apt-get install redis-tools redis-server)" >&2; fi; \
+	fi
+
+test: test-tools etcd
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
 
 bench: install

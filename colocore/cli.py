@@ -10,7 +10,7 @@ from colocore.tools.bench import BENCHMARKS
 
 def _run_parser(sub):
     p = sub.add_parser("run", help="run a guest (a colocore node)")
-    p.add_argument("--kernel", help="kvstore, dirtier, or a path to a Multiboot v1 ELF32 image")
+    p.add_argument("--kernel", help="kvstore, dirtier, kvnet, or a path to a Multiboot v1 ELF32 image")
     p.add_argument("--append", default="", help="the multiboot command line")
     p.add_argument("-m", default=None, help="guest memory, e.g. 256M (default 256M)")
     p.add_argument("--console", help="chardev of the virtio console (the guest's service)")
@@ -21,6 +21,9 @@ def _run_parser(sub):
     p.add_argument("--incoming", help="file:PATH (restore a saved guest) or tcp:HOST:PORT "
                    "(wait for a live migration / become a COLO secondary)")
     p.add_argument("--name", help="the node's name (logs, events)")
+    p.add_argument("--nic", metavar="tap,ifname=NAME[,mac=MAC][,br=BRIDGE]",
+                   help="a virtio-net card on tap NAME (created if missing, attached to BRIDGE, "
+                        "brought up; removed at exit if this node created it)")
     p.add_argument("--colo-verify", action="store_true",
                    help="debug: compare page hashes of secondary and primary at every checkpoint")
     p.add_argument("--stats-file", metavar="PATH",

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the colocore guest images (kvstore.elf, dirtier.elf) with gcc + GNU ld.
+"""Build the colocore guest images (kvstore.elf, dirtier.elf, kvnet.elf) with gcc + GNU ld.
 
 Each image is a Multiboot v1 ELF32 file: the code is compiled and linked as x86-64
 (everything sits below 4 GiB), then converted with `objcopy -O elf32-i386`, which keeps
@@ -16,7 +16,8 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GUESTS = {"kvstore": ["kvstore.c"], "dirtier": ["dirtier.c"]}
+GUESTS = {"kvstore": ["kvstore.c", "kvtable.c"], "dirtier": ["dirtier.c"],
+          "kvnet": ["kvnet.c", "netdrv.c", "netstack.c", "resp.c", "kvtable.c"]}
 COMMON = ["boot.S", "kern.c", "lib.c"]
 CFLAGS = ["-m64", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
           "-ffreestanding", "-fno-builtin", "-nostdlib", "-fno-pic", "-fno-pie",
@@ -69,12 +70,12 @@ def check_image(path):
 
 
 def build(out_dir):
-    """Compile kvstore.elf and dirtier.elf into out_dir; RuntimeError on failure."""
+    """Compile every guest image into out_dir; RuntimeError on failure."""
     gcc, ld, objcopy = _tool("gcc"), _tool("ld"), _tool("objcopy")
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="colocore-guests-") as tmp:
         objs = {}
-        for src in COMMON + sorted(s for srcs in GUESTS.values() for s in srcs):
+        for src in COMMON + sorted({s for srcs in GUESTS.values() for s in srcs}):
             obj = os.path.join(tmp, os.path.splitext(src)[0] + ".o")
             _run([gcc] + CFLAGS + ["-c", os.path.join(HERE, src), "-o", obj], tmp)
             objs[src] = obj

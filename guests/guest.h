@@ -26,6 +26,7 @@ typedef long int64_t;
 #define PANIC_NO_CONSOLE    0x201   /* virtio console missing or refused the features */
 #define PANIC_NO_MEMORY     0x202   /* working set / table does not fit in RAM */
 #define PANIC_BAD_ARG       0x203   /* malformed command line argument */
+#define PANIC_NO_NIC        0x204   /* virtio-net missing or refused the features */
 
 #define barrier() __asm__ volatile("" ::: "memory")
 

@@ -70,7 +70,7 @@ class Checkpointer:
             cap.pfns = pfns
             cap.cpu = m.vcpu.get_state()
             cap.devices = m.device_states()
-            cap.marks = (m.console_out.produced, m.serial_out.produced)
+            cap.marks = m.output_marks()
             cap.digest = self._digest() if self.verify else None
         finally:
             m.unpark_quietly(was_running)

@@ -63,8 +63,7 @@ def run(colo, ch, checkpointer):
                 # until then even if the lease cannot be renewed
                 arb.checkpoint_acked(t_request)
             # output commit: the secondary holds the state that produced these bytes
-            m.console_out.release(cap.marks[0])
-            m.serial_out.release(cap.marks[1])
+            m.release_output(cap.marks)
             ch.expect(Msg.VMSTATE_LOADED)
             faults.crash("after-loaded", checkpoint_id)
             _account(colo, checkpoint_id, cap, sent, raw, (time.perf_counter() - t0) * 1000)
@@ -76,6 +75,11 @@ def run(colo, ch, checkpointer):
     except (PeerLost, StreamError, ColocoreError, OSError) as exc:
         if colo.failover.state == FailoverState.NONE:
             colo.peer_lost(exc)
+    except Exception as exc:  # noqa: BLE001 - a bug must not end COLO silently
+        log.exception("COLO primary: internal error in the checkpoint loop")
+        ch.close()          # the secondary sees the primary gone, as it is
+        if colo.failover.state == FailoverState.NONE:
+            colo.peer_lost(PeerLost("internal error: %s" % exc, closed=False))
     finally:
         colo.channel = None
     # Wait for the operator (or the heartbeat) to fail over; the guest runs meanwhile,

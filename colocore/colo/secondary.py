@@ -49,7 +49,17 @@ def run(colo, ch):
                 t0 = time.perf_counter()
                 cp = receive(ch, colo.machine)
                 ch.send_msg(Msg.VMSTATE_RECEIVED)
-                _load(colo, cp)
+                try:
+                    _load(colo, cp)
+                except StreamError as exc:
+                    # Checked whole before vmstate-received, yet the kernel refused it: the
+                    # primary may release output for a state this node does not have, so
+                    # this node must never take over. Hanging up makes the primary leave
+                    # COLO by itself (a closed channel: its secondary is gone).
+                    colo.unusable = "checkpoint %d could not be loaded: %s" % (cp.info["id"], exc)
+                    log.error("COLO secondary: %s; this node can no longer take over: hanging "
+                              "up so that the primary serves alone", colo.unusable)
+                    raise PeerLost(colo.unusable) from None
                 # the VM is at this checkpoint now, whether or not the primary hears so
                 s = colo.stats
                 s.checkpoints += 1
@@ -70,6 +80,10 @@ def run(colo, ch):
             colo.peer_lost(exc)
         else:
             log.info("COLO secondary: channel closed for failover")
+    except Exception as exc:  # noqa: BLE001 - a bug must not kill the loop silently
+        log.exception("COLO secondary: internal error in the incoming loop")
+        if colo.failover.state == FailoverState.NONE:
+            colo.peer_lost(ColocoreError("internal error: %s" % exc))
     finally:
         colo.channel = None
         ch.close()
@@ -104,6 +118,9 @@ def takeover(colo):
     flight, then serve from the last complete checkpoint."""
     try:
         colo.secondary_done.wait()
+        if colo.unusable:
+            log.error("COLO secondary: cannot take over: %s", colo.unusable)
+            return
         with colo.apply_lock:
             pass            # no load in flight: RAM, vCPU and devices are one checkpoint
         colo.failover.start()

@@ -72,6 +72,7 @@ class Colo:
         self.quitting = threading.Event()
         self.arbiter = None               # control/arbiter.py under --arbiter
         self.last_heard = 0.0             # secondary: when the primary's last byte came
+        self.unusable = None              # why this secondary may not take over, if so
 
     # ---- reporting -----------------------------------------------------------------
 
@@ -104,6 +105,7 @@ class Colo:
         self.channel = ch
         self.mode = mode
         self.peer_state = "connected"
+        self.unusable = None
 
     def leave(self):
         """This node is out of COLO (failover done, or stopped by a takeover)."""
@@ -129,6 +131,8 @@ class Colo:
         or on a takeover thread (secondary)."""
         if self.mode == "none":
             raise ColocoreError("VM is not in COLO mode")
+        if self.unusable:
+            raise ColocoreError("this secondary cannot take over: %s" % self.unusable)
         self.failover.request(loading=self.mode == "secondary" and self.loading)
         if self.reason == "none":
             self.reason = "request"

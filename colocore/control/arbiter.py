@@ -1,7 +1,7 @@
 """COLO under an arbiter (`--arbiter etcd:...`): who may serve, decided by an etcd lease.
 
 What changes on a node with an arbiter (colocore/arbiter/ does the etcd side):
-- Output (console, COM1) leaves only while the fence is open: the node's lease on KEY is
+- Output (console, COM1, the NIC's frames) leaves only while the fence is open: the node's lease on KEY is
   valid with the margin (arbiter/fence.py), or, on a COLO primary, a secondary has just
   acknowledged the checkpoint that produced it and cannot yet have declared us silent
   (the commit window: `safe_until(time the checkpoint request left, silence)`). So a
@@ -82,6 +82,8 @@ class ColoArbiter:
             incoming.timeout = self.stall_timeout
         for out in self.outputs():
             out.fence = self.may_release
+        if machine.nic is not None:
+            machine.nic.fence = self.may_release
 
     @property
     def lost(self):
@@ -123,6 +125,9 @@ class ColoArbiter:
             return
         for out in self.outputs():
             self.loop.call_soon_threadsafe(out.kick)
+        nic = self.machine.nic
+        if nic is not None:
+            nic.want_flush()
 
     # ---- primary ------------------------------------------------------------------------
 

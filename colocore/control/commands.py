@@ -19,7 +19,8 @@ def version_info():
 
 
 class Commands:
-    def __init__(self, machine, settings, migration, colo, emit, request_quit, arbiter=None):
+    def __init__(self, machine, settings, migration, colo, emit, request_quit, announce=None,
+                 arbiter=None):
         self.arbiter = arbiter          # control/arbiter.py under --arbiter
         self.machine = machine
         self.settings = settings
@@ -27,6 +28,7 @@ class Commands:
         self.colo = colo
         self.emit = emit
         self.request_quit = request_quit
+        self.announce = announce        # announce the NIC's MAC on the network (control loop)
 
     # ---- the VM -----------------------------------------------------------------------
 
@@ -145,6 +147,27 @@ class Commands:
         if self.arbiter is not None:
             st["arbiter"] = self.arbiter.status()
         return st
+
+    # ---- the network card -------------------------------------------------------------
+
+    def _nic(self):
+        nic = self.machine.nic
+        if nic is None:
+            raise ColocoreError("no network card: start the node with --nic tap,ifname=NAME")
+        return nic
+
+    def query_net(self):
+        """The virtio-net card: MAC, link, tap, counters, and the vCPU's exits and WAITs
+        (how many frames each exit moves)."""
+        info = self._nic().query()
+        info["vcpu-exits"] = self.machine.vcpu.exits
+        info["waits"] = self.machine.platform.waits
+        return info
+
+    def announce_self(self):
+        """QEMU's announce-self: RARP rounds from the guest's MAC, and ANNOUNCE."""
+        self._nic()
+        self.announce()
 
     # ---- the arbiter ------------------------------------------------------------------
 

@@ -87,6 +87,21 @@ def format_colo(st):
     return "\n".join(lines)
 
 
+def format_network(n):
+    c = n["counters"]
+    b = n["backend"]
+    return "\n".join([
+        "virtio-net: mac %s, link %s, backend %s" % (
+            n["mac"], "up" if n["link-up"] else "down", "tap %s" % b["ifname"] if b else "none"),
+        "  rx: %d frames %d bytes, dropped %d runt %d oversize; consumed %d, last hash %016x" % (
+            c["rx_frames"], c["rx_bytes"], c["rx_dropped_runt"], c["rx_dropped_oversize"],
+            c["rx_consumed"], c["rx_last_hash"]),
+        "  tx: %d frames %d bytes, dropped %d; held %d, written %d, write errors %d" % (
+            c["tx_frames"], c["tx_bytes"], c["tx_dropped"], n["tx-held"], n["tx-written"],
+            n["tx-write-errors"]),
+        "  vcpu: %d exits, %d waits" % (n["vcpu-exits"], n["waits"])])
+
+
 def format_arbiter(a):
     lines = ["arbiter: %s, %s, key %s" % (a["state"], a["role"] or "none", a["key"])]
     if a["role"] == "serving":
@@ -171,6 +186,8 @@ class Hmp:
             lambda args: format_parameters(ops.query_migrate_parameters()))
         self.info("colo", "show COLO mode, last mode, exit reason and failover state")(
             lambda args: format_colo(ops.query_colo_status()))
+        self.info("network", "show the network card: MAC, link, tap, frame counters")(
+            lambda args: format_network(ops.query_net()))
 
         def no_args(fn):
             def handler(args):
@@ -187,7 +204,9 @@ class Hmp:
                 ("migrate_cancel", "cancel the current VM migration", ops.migrate_cancel),
                 ("x_colo_lost_heartbeat",
                  "tell COLO that heartbeat is lost, a failover or takeover is needed",
-                 ops.x_colo_lost_heartbeat)):
+                 ops.x_colo_lost_heartbeat),
+                ("announce_self", "announce the guest's MAC on the network (RARP rounds "
+                 "and the virtio-net ANNOUNCE bit)", ops.announce_self)):
             self.command(name, "", helptext)(no_args(fn))
 
         self.info("colo_standbys", "show the standbys registered with the arbiter")(

@@ -25,6 +25,9 @@ from colocore.migration.incoming import Incoming
 from colocore.migration.outgoing import Migration
 from colocore.migration.params import MigrationSettings
 from colocore.migration.transport import Listener
+from colocore.net.announce import announce
+from colocore.net.tap import TapBackend, parse_nic
+from colocore.vm.devices.virtio_net import DEFAULT_MAC
 from colocore.vm.machine import Machine
 from colocore.vmstate import snapshot
 
@@ -42,7 +45,7 @@ def parse_mem(text):
         mult, t = 1 << 10, t[:-1]
     try:
         value = int(float(t) * mult)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ColocoreError("-m %r: expected a size like 256M or 1G" % text) from None
     if value <= 0 or value % (2 << 20):
         raise ColocoreError("-m %r: memory must be a positive multiple of 2 MiB" % text)
@@ -86,6 +89,8 @@ class Node:
                 self.specs[what] = parse_chardev(value, "--" + what)
         if "serial" not in self.specs:
             self.specs["serial"] = parse_chardev("log")
+        self.nic_spec = parse_nic(args.nic) if getattr(args, "nic", None) else None
+        self.nic_backend = None
         self.exit_status = 0
         self.arbiter = None
         if getattr(args, "arbiter", None):
@@ -166,6 +171,8 @@ class Node:
                 m.set_runstate("paused")
         else:
             m.resume()
+        if snap is not None:
+            self.announce_nic()
         self._install_signals()
 
     def _build(self, mem, tcp_incoming):
@@ -173,6 +180,10 @@ class Node:
         # an incoming listener binds first: a busy port fails before a VM is created
         listener = Listener(tcp_incoming) if tcp_incoming else None
         self.machine = m = Machine(mem, self.name, on_event=self.emit_event)
+        if self.nic_spec is not None:
+            # before the guest exists anywhere: a NIC that cannot be set up stops the start
+            self.nic_backend = TapBackend(self.nic_spec).open()
+            m.attach_nic(self.nic_spec.mac or DEFAULT_MAC, self.nic_backend)
         self.settings = MigrationSettings(colo_supported=colo_supported(m))
         verify = bool(getattr(self.args, "colo_verify", False))
         self.colo = Colo(m, self.settings, self.emit_event, serve=self._serve_from_thread,
@@ -187,8 +198,15 @@ class Node:
                                      on_done=self._serve_from_thread,
                                      on_colo=self.colo.run_secondary)
         self.commands = Commands(m, self.settings, self.migration, self.colo,
-                                 self.emit_event, self.request_quit, arbiter=self.arbiter)
+                                 self.emit_event, self.request_quit, announce=self.announce_nic,
+                                 arbiter=self.arbiter)
         self.hmp = Hmp(self.commands)
+
+    def announce_nic(self):
+        """The guest's MAC may live on another port now: tell the network (QEMU does it
+        after every incoming migration). Runs on the control loop."""
+        if self.machine.nic is not None and self.machine.nic.backend is not None:
+            announce(self.loop, self.machine.nic)
 
     def _parameter_changed(self, name, value):
         if name == "x-checkpoint-delay" and self.colo.mode == "primary":
@@ -200,6 +218,8 @@ class Node:
         asyncio.run_coroutine_threadsafe(self._open_chardevs(("console", "serial")),
                                          self.loop).result()
         self.machine.resume()
+        # the guest's MAC now lives behind this node's tap (a migration, a takeover)
+        self.loop.call_soon_threadsafe(self.announce_nic)
 
     async def _open_chardevs(self, which):
         m = self.machine
@@ -266,5 +286,7 @@ class Node:
             self.arbiter.close()        # the fence closes before the lease goes back
         if self.machine is not None:
             self.machine.close()
+        if self.nic_backend is not None:
+            self.nic_backend.close()        # a tap this node created goes with it
         for cd in self.chardevs.values():
             cd.close()

@@ -102,6 +102,8 @@ class QmpCommands:
         plain("query-migrate", ops.query_migrate)
         plain("x-colo-lost-heartbeat", ops.x_colo_lost_heartbeat)
         plain("query-colo-status", ops.query_colo_status)
+        plain("announce-self", ops.announce_self)
+        plain("x-query-net", ops.query_net)
         plain("query-colo-standbys", ops.query_colo_standbys)
 
         @self.command("x-colo-protect", standby=("str", False))

@@ -15,7 +15,7 @@ import threading
 import time
 
 from colocore.errors import ColocoreError
-from colocore.migration.transport import Channel, Msg, parse_tcp_uri
+from colocore.migration.transport import Channel, Msg, PeerLost, parse_tcp_uri
 from colocore.vmstate import format as stream, snapshot, unit as units
 from colocore.vmstate.format import Section
 from colocore.vmstate.sections import BATCH_PAGES, PAGE
@@ -24,6 +24,10 @@ log = logging.getLogger("colocore.migration")
 
 MAX_ROUNDS = 30
 LOADED_TIMEOUT = 60.0
+# The guest is paused from stop-and-copy until the destination says it loaded the state:
+# every send and the wait for its answer must finish within this, or the guest resumes
+# here (a destination that is busy, stalled or not colocore must not hold it paused).
+FINISH_TIMEOUT = 5.0
 
 
 class MigrationCancelled(Exception):
@@ -272,6 +276,7 @@ class Migration:
             else:
                 m.set_runstate("finish-migrate")
             try:
+                ch.set_deadline(time.monotonic() + FINISH_TIMEOUT)
                 # The pages of the last harvest were not sent yet: they go with the final
                 # ones (dropping them here would leave the destination with stale pages).
                 final = mem.harvest()
@@ -282,20 +287,22 @@ class Migration:
                     # From here on guest output is held until the secondary has the state
                     # that produced it (output commit); what is pending now is in DEVICES.
                     m.hold_output()
-                marks = (m.console_out.produced, m.serial_out.produced)
+                marks = m.output_marks()
                 w.vcpu_and_devices(m.vcpu.get_state(), m.device_states())
                 w.end()
                 self.transferred = ch.bytes_sent
-                if colo:
-                    ch.set_timeout(self.stall_timeout)
-                    ch.expect(Msg.CHECKPOINT_READY)
-                else:
-                    ch.expect(Msg.LOADED)
-            except BaseException:
+                ch.expect(Msg.CHECKPOINT_READY if colo else Msg.LOADED)
+                ch.set_deadline(None)
+            except BaseException as exc:
                 m.release_held_output()
                 m.set_runstate("paused")
                 if was_running:
                     m.resume()
+                if isinstance(exc, PeerLost) and not exc.closed:
+                    raise ColocoreError(
+                        "the destination %s did not take the final state within %.0f s (busy "
+                        "with another connection, stalled, or not a colocore destination); "
+                        "the guest runs on here" % (uri, FINISH_TIMEOUT)) from None
                 raise
             self.downtime_ms = (time.monotonic() - t_down) * 1000
             self.total_ms = (time.monotonic() - self.start_time) * 1000
@@ -307,8 +314,7 @@ class Migration:
                 ch.close()
                 return None
             self.set_status("colo")
-            m.console_out.release(marks[0])
-            m.serial_out.release(marks[1])
+            m.release_output(marks)
             if was_running:
                 m.resume()
             else:

@@ -82,6 +82,8 @@ class Channel:
         self.send_lock = threading.Lock()   # the return path may be written by two threads
         self.bytes_sent = 0
         self.closed = False
+        self.deadline = None
+        self._timeout = sock.gettimeout()
         self.last_heard = time.monotonic()
         self.reader = stream.Reader(self._read_exact, "migration stream from %s" % peer)
 
@@ -105,8 +107,13 @@ class Channel:
         with self.send_lock:
             try:
                 for b in buffers:
+                    if self.deadline is not None:
+                        self.sock.settimeout(max(self.deadline - time.monotonic(), 0.001))
                     self.sock.sendall(b)
                     self.bytes_sent += len(b)
+            except TimeoutError:
+                raise PeerLost("%s did not take what was sent in time" % self.peer,
+                               closed=False) from None
             except OSError as exc:
                 last = self._last_words()
                 if last == Msg.TAKEOVER:
@@ -146,14 +153,30 @@ class Channel:
 
     # ---- receiving -----------------------------------------------------------------
 
+    def set_deadline(self, when):
+        """Every read and send must be done by time.monotonic() `when`; None goes back to
+        the per-call timeout of set_timeout(). A peer that trickles bytes, or stops
+        reading, cannot hold this side past a deadline."""
+        self.deadline = when
+        if when is None:
+            self.sock.settimeout(self._timeout)
+
     def _read_exact(self, n, timeout=None):
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
         while got < n:
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise PeerLost("%s did not send what it owed in time" % self.peer,
+                                   closed=False)
+                self.sock.settimeout(left)
             try:
                 k = self.sock.recv_into(view[got:], n - got)
             except TimeoutError:
+                if self.deadline is not None:
+                    continue
                 raise PeerLost("%s said nothing for %.1f s" % (self.peer, self.sock.gettimeout()),
                                closed=False) from None
             except OSError as exc:
@@ -172,7 +195,9 @@ class Channel:
             raise PeerLost("%s closed the connection" % self.peer) from None
 
     def set_timeout(self, seconds):
-        self.sock.settimeout(seconds if seconds and seconds > 0 else None)
+        self._timeout = seconds if seconds and seconds > 0 else None
+        if self.deadline is None:
+            self.sock.settimeout(self._timeout)
 
     def recv_msg(self, skip_heartbeats=True):
         """The next message (Msg, and the SHUT reason when there is one)."""
@@ -254,7 +279,8 @@ class Channel:
 
 
 class Listener:
-    """--incoming tcp:HOST:PORT: listens at start-up, accepts one primary."""
+    """--incoming tcp:HOST:PORT: listens at start-up; migration/incoming.py decides which
+    of the connections it accepts becomes the one migration."""
 
     def __init__(self, uri):
         host, port = parse_tcp_uri(uri, "--incoming")
@@ -268,7 +294,7 @@ class Listener:
             raise ColocoreError("--incoming %s: cannot listen: %s%s" % (
                 uri, exc.strerror or exc,
                 "; pick another port or stop what is listening there" if exc.errno == 98 else "")) from None
-        self.sock.listen(1)
+        self.sock.listen(16)
 
     def accept(self):
         sock, addr = self.sock.accept()

@@ -8,6 +8,18 @@ links, so that replication crosses a real network path that tests can cut.
         ... run nodes with argv prefix lab.exec_prefix(a) ...
         lab.set_link(a, up=False)      # a partition
 
+Guest networks (kvnet behind a tap): bridges in a host, hosts wired to a bridge, and
+`enter(host)` to open sockets (redis-py, raw ICMP, AF_PACKET) inside a test host:
+
+    with Lab("cc") as lab:
+        h = lab.host("h", "10.0.0.9")
+        c = lab.host("c", "10.0.0.1")
+        lab.bridge(h, "br0")
+        lab.wire(c, h, b_bridge="br0")  # c's end addressed 10.0.0.1/24, h's end on br0
+        ... colocore run --nic tap,ifname=t0,br=br0 under lab.exec_prefix(h) ...
+        with lab.enter(c):
+            sock = socket.create_connection(("10.0.0.2", 6379))
+
 Three or more hosts that must be cut apart pair by pair (primary, secondary, etcd) are
 joined by `mesh()`: one veth pair per pair of hosts, each host's address on its loopback
 and a host route to every peer over their own link, so `cut(a, b)` parts exactly those
@@ -23,6 +35,7 @@ Needs root (CAP_NET_ADMIN).
 """
 import contextlib
 import ctypes
+import itertools
 import os
 import secrets
 import time
@@ -54,26 +67,6 @@ def _setns(fd):
         raise OSError(err, "setns: %s" % os.strerror(err))
 
 
-@contextlib.contextmanager
-def inside(host):
-    """Sockets this *thread* creates in the block belong to `host`'s namespace (setns acts
-    on the calling thread only; other threads stay where they are). A client thread of a
-    test can so live on a test host without a process of its own."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open("/run/netns/%s" % host.ns, os.O_RDONLY)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        try:
-            yield host
-        finally:
-            _setns(own)
-    finally:
-        os.close(own)
-
-
 class Host:
     def __init__(self, ns, address):
         self.ns = ns
@@ -86,6 +79,7 @@ class Lab:
     def __init__(self, prefix="colocore"):
         self.prefix = "%s-%d" % (prefix, os.getpid())
         self.hosts = []
+        self._links = itertools.count()
 
     def host(self, name, address):
         ns = "%s-%s" % (self.prefix, name)
@@ -112,6 +106,77 @@ class Lab:
                 i = n.link_lookup(ifname=h.ifname)[0]
                 n.addr("add", index=i, address=h.address, prefixlen=prefixlen)
                 n.link("set", index=i, state="up")
+
+    def bridge(self, host, name, address=None, prefixlen=24, mtu=None):
+        """A bridge in `host`, up (no STP, no forwarding delay), optionally addressed."""
+        with NetNS(host.ns) as n:
+            n.link("add", ifname=name, kind="bridge", br_forward_delay=0, br_stp_state=0)
+            i = n.link_lookup(ifname=name)[0]
+            if mtu:
+                n.link("set", index=i, mtu=mtu)
+            if address:
+                n.addr("add", index=i, address=address, prefixlen=prefixlen)
+            n.link("set", index=i, state="up")
+        return name
+
+    def wire(self, a, b, a_bridge=None, b_bridge=None, prefixlen=24, mtu=None):
+        """A veth pair between hosts a and b. Each end joins the named bridge of its host,
+        or else carries the host's address. Returns (a's ifname, b's ifname)."""
+        k = next(self._links)
+        names = ("w%d%sa" % (os.getpid() % 100000, k), "w%d%sb" % (os.getpid() % 100000, k))
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=names[0], kind="veth",
+                     peer={"ifname": names[1], "net_ns_fd": b.ns})
+            ipr.link("set", index=ipr.link_lookup(ifname=names[0])[0], net_ns_fd=a.ns)
+        for h, name, br in ((a, names[0], a_bridge), (b, names[1], b_bridge)):
+            with NetNS(h.ns) as n:
+                i = n.link_lookup(ifname=name)[0]
+                if mtu:
+                    n.link("set", index=i, mtu=mtu)
+                if br:
+                    n.link("set", index=i, master=n.link_lookup(ifname=br)[0])
+                else:
+                    n.addr("add", index=i, address=h.address, prefixlen=prefixlen)
+                    h.ifname = name
+                n.link("set", index=i, state="up")
+        return names
+
+    @staticmethod
+    def set_mtu(host, ifname, mtu):
+        with NetNS(host.ns) as n:
+            n.link("set", index=n.link_lookup(ifname=ifname)[0], mtu=mtu)
+
+    @staticmethod
+    def links(host):
+        """Interface names in a host."""
+        with NetNS(host.ns) as n:
+            return [link.get_attr("IFLA_IFNAME") for link in n.get_links()]
+
+    @staticmethod
+    def delete_link(host, ifname):
+        with NetNS(host.ns) as n:
+            n.link("del", index=n.link_lookup(ifname=ifname)[0])
+
+    @staticmethod
+    @contextlib.contextmanager
+    def enter(host):
+        """Run the calling thread inside the host's network namespace: sockets opened in
+        the block live there (and keep working after it). setns acts on the calling
+        thread only, and each thread keeps its own way back, so client threads on
+        different hosts can enter at the same time."""
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            target = os.open("/run/netns/%s" % host.ns, os.O_RDONLY)
+            try:
+                _setns(target)
+            finally:
+                os.close(target)
+            try:
+                yield host
+            finally:
+                _setns(own)
+        finally:
+            os.close(own)
 
     def set_link(self, host, up):
         """Bring a host's end of its link up or down (down = a network partition)."""

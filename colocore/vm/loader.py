@@ -23,7 +23,7 @@ LOADER_END = 0x10000
 NOTE_NAME = b"colocore\0"
 NOTE_ENTRY64 = 1
 
-BUILTIN = ("kvstore", "dirtier")
+BUILTIN = ("kvstore", "dirtier", "kvnet")
 
 
 def builtin_path(name):

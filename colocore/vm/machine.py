@@ -19,12 +19,12 @@ from colocore.vm.devices.output import OutputChannel
 from colocore.vm.devices.platform import BASE as PLATFORM_BASE, SIZE as PLATFORM_SIZE, Platform
 from colocore.vm.devices.uart import COM1, Uart16550
 from colocore.vm.devices.virtio_console import BASE as VIRTIO_BASE, SIZE as VIRTIO_SIZE, VirtioConsole
+from colocore.vm.devices.virtio_net import BASE as NET_BASE, SIZE as NET_SIZE, VirtioNet
 from colocore.vm.memory import GuestMemory
 
 log = logging.getLogger("colocore.machine")
 
 MAX_MEM = 3 << 30
-DEVICE_NAMES = ("uart", "virtio-console", "platform", "console-out", "serial-out")
 PAUSE_TIMEOUT = 2.0
 SPIN_PARK = 0.002
 
@@ -49,6 +49,7 @@ class Bus:
 
     def __init__(self, uart, console, platform):
         self.uart, self.console, self.platform = uart, console, platform
+        self.net = None
 
     def pio_read(self, port, size):
         if COM1 <= port < COM1 + 8:
@@ -62,6 +63,8 @@ class Bus:
     def mmio_read(self, addr, size):
         if VIRTIO_BASE <= addr < VIRTIO_BASE + VIRTIO_SIZE:
             return self.console.mmio_read(addr - VIRTIO_BASE, size)
+        if NET_BASE <= addr < NET_BASE + NET_SIZE and self.net is not None:
+            return self.net.mmio_read(addr - NET_BASE, size)
         if PLATFORM_BASE <= addr < PLATFORM_BASE + PLATFORM_SIZE:
             return self.platform.mmio_read(addr - PLATFORM_BASE, size)
         return 0
@@ -69,6 +72,10 @@ class Bus:
     def mmio_write(self, addr, size, value):
         if VIRTIO_BASE <= addr < VIRTIO_BASE + VIRTIO_SIZE:
             self.console.mmio_write(addr - VIRTIO_BASE, size, value)
+            if addr - VIRTIO_BASE == 0x050 and self.net is not None:
+                self.net.deliver_rx()     # receive buffers are filled at any notify
+        elif NET_BASE <= addr < NET_BASE + NET_SIZE and self.net is not None:
+            self.net.mmio_write(addr - NET_BASE, size, value)
         elif PLATFORM_BASE <= addr < PLATFORM_BASE + PLATFORM_SIZE:
             self.platform.mmio_write(addr - PLATFORM_BASE, size, value)
 
@@ -90,7 +97,9 @@ class Machine:
         self.console_out = OutputChannel("console", lambda data: None)
         self.serial_out = OutputChannel("serial", lambda data: None)
         self.uart = Uart16550(self.serial_out)
-        self.console = VirtioConsole(self.memory.ram, self.memory.mark_dirty, self.console_out)
+        self.console = VirtioConsole(self.memory.ram, self.memory.mark_dirty, self.console_out,
+                                     dirty_log=self.memory.dirty)
+        self.nic = None
         self.platform = Platform(self.console, self._guest_exit, self._guest_panic)
         self.bus = Bus(self.uart, self.console, self.platform)
         self.runstate = "prelaunch"
@@ -103,6 +112,7 @@ class Machine:
         self._thread = None
         self.kernel = None
         self.append = ""
+        self._scratch = None          # a vCPU to try saved states on (check_state)
 
     # ---- run state -------------------------------------------------------------
 
@@ -116,6 +126,14 @@ class Machine:
                 raise ColocoreError("cannot switch run state from %s to %s" % (old, new))
             self.runstate = new
         return old
+
+    def attach_nic(self, mac, backend):
+        """Plug the virtio-net card (before the vCPU starts); backend: TapBackend or None."""
+        self.nic = VirtioNet(self.memory.ram, self.memory.dirty, mac=mac, backend=backend)
+        self.nic.on_event = self.platform.wake
+        self.bus.net = self.nic
+        self.platform.net = self.nic
+        return self.nic
 
     # ---- boot ------------------------------------------------------------------
 
@@ -262,45 +280,108 @@ class Machine:
 
     # ---- state capture ---------------------------------------------------------
 
-    def device_states(self):
-        return {"uart": self.uart.save(), "virtio-console": self.console.save(),
-                "platform": self.platform.save(), "console-out": self.console_out.save(),
-                "serial-out": self.serial_out.save()}
+    def _devices(self):
+        """Every device with saved state, by the name its state has in DEVICES."""
+        devices = {"uart": self.uart, "virtio-console": self.console,
+                   "platform": self.platform, "console-out": self.console_out,
+                   "serial-out": self.serial_out}
+        if self.nic is not None:
+            devices["virtio-net"] = self.nic
+        return devices
 
-    def check_saved_state(self, cpu, devices, what):
-        """Raise StreamError unless this vCPU and device state would load here. Changes
-        nothing: callers check a whole unit before they apply any of it."""
+    def device_states(self):
+        return {name: dev.save() for name, dev in self._devices().items()}
+
+    def check_state(self, cpu, devices, what):
+        """Check a saved vCPU and device state against this machine before any of it is
+        applied; return the devices' checked states (what `load_devices` takes). Raises
+        StreamError; changes nothing.
+
+        The vCPU state is tried on a scratch vCPU of a scratch VM: KVM refuses some states
+        (a bad CR0/EFER pair, an MSR this host lacks) only when they are set, and a unit
+        must be refused before the secondary answers vmstate-received for it, not
+        half-way through its apply."""
         try:
             self.vcpu.check_state(cpu)
-        except ValueError as exc:
-            raise StreamError("%s: the vCPU state does not fit this host: %s" % (what, exc)) from None
-        for name in DEVICE_NAMES:
+            self._scratch_vcpu().set_state(cpu)
+        except (ValueError, OSError) as exc:
+            raise StreamError("%s: the vCPU state does not load on this host: %s"
+                              % (what, exc)) from None
+        if not isinstance(devices, dict):
+            raise StreamError("%s: the device state is not an object" % what)
+        known = self._devices()
+        if "virtio-net" in devices and self.nic is None:
+            raise StreamError("%s: the guest has a network card (virtio-net); start this node "
+                              "with --nic tap,ifname=NAME" % what)
+        extra = set(devices) - set(known)
+        if extra:
+            raise StreamError("%s: state for unknown device(s) %s"
+                              % (what, ", ".join(sorted(map(str, extra)))))
+        checked = {}
+        for name, dev in known.items():
+            if name == "virtio-net" and name not in devices:
+                continue        # a guest saved without a NIC never drove this one
             if name not in devices:
                 raise StreamError("%s: the device state lacks %r" % (what, name))
+            try:
+                checked[name] = dev.check(devices[name])
+            except (ValueError, TypeError) as exc:
+                raise StreamError("%s: %s" % (what, exc)) from None
+        return checked
 
-    def load_device_states(self, states):
-        for name in DEVICE_NAMES:
-            if name not in states:
-                raise ColocoreError("device state lacks %r" % name)
-        self.uart.reset()
-        self.console.reset()
-        self.platform.reset()
-        self.uart.load(states["uart"])
-        self.console.load(states["virtio-console"])
-        self.platform.load(states["platform"])
-        self.console_out.load(states["console-out"])
-        self.serial_out.load(states["serial-out"])
+    def _scratch_vcpu(self):
+        if self._scratch is None:
+            self._scratch = kvm.Vcpu(kvm.Vm(2 << 20, dirty_log=False,
+                                            kvm_path=os.environ.get("COLOCORE_KVM_DEVICE",
+                                                                    "/dev/kvm")))
+        return self._scratch
+
+    def load_vcpu(self, cpu):
+        """Set a vCPU state checked by check_state() (the machine parked). Only the kernel
+        can still refuse it, on grounds the scratch vCPU did not share; then the vCPU is
+        put back as it was and StreamError raised: a refused unit changes nothing."""
+        before = self.vcpu.get_state()
+        try:
+            self.vcpu.set_state(cpu)
+        except (ValueError, OSError) as exc:
+            self.vcpu.set_state(before)
+            raise StreamError("the kernel refused the vCPU state: %s" % exc) from None
+
+    def load_devices(self, devices):
+        """Load device states returned by check_state(): this cannot fail."""
+        for dev in (self.uart, self.console, self.platform, self.nic):
+            if dev is not None:
+                dev.reset()         # (a NIC the saved guest never had stays reset)
+        for name, dev in self._devices().items():
+            if name in devices:
+                dev.load(devices[name])
+
+    def _outputs(self):
+        """Every channel the guest's output leaves by (output commit covers them all).
+        The NIC's frames are not held yet (issue 13)."""
+        return [self.console_out, self.serial_out]
+
+    def output_marks(self):
+        """How much output each channel has produced so far (taken at a checkpoint's
+        pause, with the vCPU parked: exactly what the captured state produced)."""
+        return tuple(out.produced for out in self._outputs())
+
+    def release_output(self, marks):
+        """Output commit: let out what was produced up to `marks` (output_marks() of a
+        checkpoint the secondary now holds)."""
+        for out, mark in zip(self._outputs(), marks):
+            out.release(mark)
 
     def hold_output(self):
         """Entering COLO: guest output is held until a checkpoint that produced it is
         safe on the secondary (output commit)."""
-        for out in (self.console_out, self.serial_out):
+        for out in self._outputs():
             out.hold = True
 
     def release_held_output(self):
         """Leaving COLO: nothing is held any more, and what was held goes out now (it may
         repeat what the old primary already released; it must never be lost)."""
-        for out in (self.console_out, self.serial_out):
+        for out in self._outputs():
             out.hold = False
             out.release()
 

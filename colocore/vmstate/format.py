@@ -100,13 +100,14 @@ class Reader:
     def read_header(self):
         check_header(self._read(HEADER.size))
 
-    def read_section(self):
-        """Return (kind, payload) of the next section, verified."""
+    def read_section(self, limit=MAX_SECTION):
+        """Return (kind, payload) of the next section, verified. A section longer than
+        `limit` is refused before a byte of it is buffered."""
         head = self._read(SECTION.size)
         kind, length = SECTION.unpack(head)
-        if length > MAX_SECTION:
+        if length > limit:
             raise StreamError("%s: %s section claims %d bytes (limit %d): corrupted stream"
-                              % (self.what, _kind_name(kind), length, MAX_SECTION))
+                              % (self.what, _kind_name(kind), length, limit))
         payload = self._read(length) if length else b""
         (crc,) = CRC.unpack(self._read(CRC.size))
         if zlib.crc32(payload, zlib.crc32(head)) != crc:

@@ -33,6 +33,8 @@ BATCH_PAGES = 1024               # 4 MiB of raw pages per RAM section
 RAM_HEAD = struct.Struct("<BBHI")
 DELTA_HEAD = struct.Struct("<I")
 ENC_RAW, ENC_LZ4 = 0, 1
+LZ4_MAX_RATIO = 256
+MAX_DEVICE_VALUES = 1 << 16
 
 
 # ---- JSON sections (MACHINE, CHECKPOINT, DEVICES) --------------------------------------
@@ -64,8 +66,12 @@ def decode_machine(payload):
 
 def decode_checkpoint_info(payload):
     info = _decode_json_object(payload, "CHECKPOINT")
-    if not isinstance(info.get("id"), int) or isinstance(info.get("id"), bool):
-        raise StreamError("CHECKPOINT section: id %r is not an integer" % (info.get("id"),))
+    for key in ("id", "dirty", "zero"):
+        value = info.get(key, 0)
+        if type(value) is not int or value < 0:
+            raise StreamError("CHECKPOINT section: %s %.40r is not a count" % (key, value))
+    if "id" not in info:
+        raise StreamError("CHECKPOINT section has no id")
     return info
 
 
@@ -94,6 +100,10 @@ def encode_devices(states):
 
 
 def decode_devices(payload):
+    # Parsed JSON costs memory per value, not per byte: bound the values (commas and
+    # colons; base64 strings hold neither) before parsing.
+    if payload.count(b",") + payload.count(b":") > MAX_DEVICE_VALUES:
+        raise StreamError("DEVICES section holds more than %d values" % MAX_DEVICE_VALUES)
     states = _decode_json_object(payload, "DEVICES")
     try:
         return _from_json(states)
@@ -114,6 +124,18 @@ def encode_ram(pfns, raw, compress):
     return b"".join((RAM_HEAD.pack(ENC_RAW, 0, 0, n), pfns.tobytes(), raw))
 
 
+def claimed_pages(kind_name, payload):
+    """How many pages a RAM, RAM_ZERO or RAM_DELTA payload says it carries, read from its
+    head alone (0 when too short to say: its decoder refuses it)."""
+    name = getattr(kind_name, "name", kind_name)
+    if name == "RAM_ZERO":
+        return len(payload) // 4
+    head = RAM_HEAD if name == "RAM" else DELTA_HEAD
+    if len(payload) < head.size:
+        return 0
+    return head.unpack_from(payload)[-1]
+
+
 def _pfn_list(data, npages_total, what):
     pfns = array.array("I")
     pfns.frombytes(data)
@@ -131,6 +153,8 @@ def decode_ram(payload, npages_total):
     off = RAM_HEAD.size
     if off + 4 * n > len(payload):
         raise StreamError("RAM section page list truncated")
+    if n > npages_total:
+        raise StreamError("RAM section claims %d pages, the guest has %d" % (n, npages_total))
     pfns = _pfn_list(payload[off:off + 4 * n], npages_total, "RAM section")
     off += 4 * n
     if enc == ENC_RAW:
@@ -138,6 +162,11 @@ def decode_ram(payload, npages_total):
         if len(data) != n * PAGE:
             raise StreamError("RAM section holds %d bytes for %d pages" % (len(data), n))
     elif enc == ENC_LZ4:
+        # lz4 cannot expand more than ~255 times (measured 254.7 on zeroes): a claim beyond that is a lie, refused
+        # before its output buffer is allocated
+        if n * PAGE > LZ4_MAX_RATIO * (len(payload) - off) + PAGE:
+            raise StreamError("RAM section: %d lz4 bytes cannot hold %d pages"
+                              % (len(payload) - off, n))
         try:
             data = lz4batch.decompress(payload[off:], n * PAGE)
         except ValueError as exc:
@@ -166,9 +195,15 @@ def decode_delta(payload, ram, npages_total):
     off = DELTA_HEAD.size
     if off + 8 * n > len(payload):
         raise StreamError("RAM_DELTA page list truncated")
+    if n > npages_total:
+        raise StreamError("RAM_DELTA claims %d pages, the guest has %d" % (n, npages_total))
     pfns = _pfn_list(payload[off:off + 4 * n], npages_total, "RAM_DELTA section")
     lengths = array.array("i")
     lengths.frombytes(payload[off + 4 * n:off + 8 * n])
+    # every page of the section has a delta of its own (an unchanged page is not sent),
+    # so the deltas' lengths account for the section's bytes exactly
+    if n and (min(lengths) <= 0 or sum(lengths) != len(payload) - off - 8 * n):
+        raise StreamError("RAM_DELTA delta lengths do not add up to the section's bytes")
     base = bytearray(n * PAGE)
     for k, p in enumerate(pfns):
         base[k * PAGE:(k + 1) * PAGE] = ram[p * PAGE:(p + 1) * PAGE]

@@ -30,6 +30,7 @@ _BODY = {
     "checkpoint": {Section.RAM, Section.RAM_ZERO, Section.RAM_DELTA},
     "device part": {Section.CPU, Section.DEVICES, Section.CHECKPOINT},
 }
+OPENING_MAX = 64 << 10
 _OPENING = {"snapshot": Section.MACHINE, "migration": Section.MACHINE,
             "checkpoint": Section.CHECKPOINT, "device part": None}
 
@@ -46,6 +47,7 @@ class Unit:
         self.devices = None
         self.digest = None     # debug (--colo-verify): u64 hash per guest page
         self.bytes = 0         # stream bytes it took
+        self.checked = False   # check() passed: apply() cannot fail on its content
 
     @property
     def npages(self):
@@ -123,38 +125,47 @@ def read_unit(reader, kind, npages=None, ram=None, ram_sink=None, unit=None, on_
     if unit is None:
         unit = Unit(kind)
     if opening is not None:
-        section, payload = reader.read_section()
+        # the opening section is small JSON: a stranger may not make us buffer more
+        section, payload = reader.read_section(limit=OPENING_MAX)
         if section != opening:
             raise StreamError("%s: a %s does not start with a %s section (found %s)"
                               % (what, kind, opening.name, section.name))
-        if opening == Section.MACHINE:
-            unit.info = sections.decode_machine(payload)
-            npages = unit.info["mem_size"] // PAGE if npages is None else npages
-        else:
-            unit.info = sections.decode_checkpoint_info(payload)
+        unit.info = _decode(what, section, payload, npages, ram, opening=True)
+        if opening == Section.MACHINE and npages is None:
+            npages = unit.info["mem_size"] // PAGE
         if on_opening is not None:
             on_opening(unit.info)
     allowed = _BODY[kind]
+    # A buffered unit never holds more pages than the guest has: a legitimate writer
+    # sends each page once per unit, so more is a lie, refused before it is allocated.
+    budget = npages if ram_sink is None else None
     while True:
         section, payload = reader.read_section()
         if section == Section.END:
             break
         if section not in allowed:
             raise StreamError("%s: unexpected %s section in a %s" % (what, section.name, kind))
-        if section == Section.RAM:
-            pfns, data = sections.decode_ram(payload, npages)
-            _take(unit, ram_sink, Section.RAM, pfns, data)
-        elif section == Section.RAM_ZERO:
-            _take(unit, ram_sink, Section.RAM_ZERO, sections.decode_zero(payload, npages), None)
-        elif section == Section.RAM_DELTA:
-            pfns, data = sections.decode_delta(payload, ram, npages)
-            _take(unit, ram_sink, Section.RAM, pfns, data)
+        if budget is not None and section in _RAM_KINDS:
+            claimed = sections.claimed_pages(section, payload)
+            if claimed > budget:
+                raise StreamError("%s: the %s claims more pages than the guest's %d"
+                                  % (what, kind, npages))
+            budget -= claimed
+        value = _decode(what, section, payload, npages, ram)
+        if section in _RAM_KINDS:
+            pfns, data = value
+            if ram_sink is not None:
+                ram_sink(section, pfns, data)
+            elif data is None:
+                unit.zero.append(pfns)
+            else:
+                unit.ram.append((pfns, data))
         elif section == Section.CPU:
-            unit.cpu = sections.decode_cpu(payload)
+            unit.cpu = value
         elif section == Section.DEVICES:
-            unit.devices = sections.decode_devices(payload)
+            unit.devices = value
         elif section == Section.CHECKPOINT:       # only in a device part: the debug digest
-            unit.digest = sections.decode_digest(payload, npages)
+            unit.digest = value
     if kind != "checkpoint" and (unit.cpu is None or unit.devices is None):
         raise StreamError("%s: the %s has no %s section" % (
             what, kind, "CPU" if unit.cpu is None else "DEVICES"))
@@ -162,29 +173,58 @@ def read_unit(reader, kind, npages=None, ram=None, ram_sink=None, unit=None, on_
     return unit
 
 
-def _take(unit, ram_sink, kind, pfns, data):
-    if ram_sink is not None:
-        ram_sink(kind, pfns, data)
-    elif kind == Section.RAM:
-        unit.ram.append((pfns, data))
-    else:
-        unit.zero.append(pfns)
+_RAM_KINDS = (Section.RAM, Section.RAM_ZERO, Section.RAM_DELTA)
+
+
+def _decode(what, section, payload, npages, ram, opening=False):
+    """One section, through its decoder. Whatever goes wrong inside a decoder is the
+    stream's fault and becomes a StreamError: nothing a peer sends may escape as another
+    exception (it would kill the thread that reads it)."""
+    try:
+        if section == Section.MACHINE:
+            return sections.decode_machine(payload)
+        if section == Section.CHECKPOINT:     # opens a checkpoint; in a device part, the digest
+            if opening:
+                return sections.decode_checkpoint_info(payload)
+            return sections.decode_digest(payload, npages)
+        if section == Section.RAM:
+            return sections.decode_ram(payload, npages)
+        if section == Section.RAM_ZERO:
+            return sections.decode_zero(payload, npages), None
+        if section == Section.RAM_DELTA:
+            return sections.decode_delta(payload, ram, npages)
+        if section == Section.CPU:
+            return sections.decode_cpu(payload)
+        if section == Section.DEVICES:
+            return sections.decode_devices(payload)
+    except StreamError as exc:
+        raise StreamError("%s: %s" % (what, exc)) from None
+    except (ValueError, TypeError, KeyError, OverflowError, RecursionError,
+            MemoryError, UnicodeError) as exc:
+        raise StreamError("%s: malformed %s section (%s: %s)"
+                          % (what, section.name, type(exc).__name__, exc)) from None
+    raise StreamError("%s: no decoder for a %s section" % (what, section.name))
 
 
 # ---- applying --------------------------------------------------------------------------------
 
 def check(unit, machine, what):
-    """Raise StreamError unless the unit would load into this machine. Changes nothing."""
-    machine.check_saved_state(unit.cpu, unit.devices, what)
+    """Check the unit's vCPU and device state against the machine (StreamError if it would
+    not load); from then on `apply()` cannot fail on the unit's content. Changes
+    nothing."""
+    unit.devices = machine.check_state(unit.cpu, unit.devices, what)
+    unit.checked = True
 
 
 def apply(unit, machine):
-    """Write a verified unit into the (parked) machine: RAM, then the vCPU, then devices.
-    Callers `check()` first: from here on nothing may fail on the unit's content."""
+    """Apply a checked unit to the parked machine, all or nothing: the vCPU first (the one
+    part the kernel may still refuse; then the machine is left as it was and StreamError
+    raised), then RAM and devices, which cannot fail."""
+    assert unit.checked, "apply() of a unit that was not check()ed"
+    machine.load_vcpu(unit.cpu)
     ram = machine.memory.ram
     for pfns in unit.zero:
         pages.fill_zero(ram, pfns)
     for pfns, data in unit.ram:
         pages.scatter(ram, pfns, data)
-    machine.vcpu.set_state(unit.cpu)
-    machine.load_device_states(unit.devices)
+    machine.load_devices(unit.devices)

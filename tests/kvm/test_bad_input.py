@@ -74,6 +74,8 @@ def test_bad_memory_size():
     assert rc == 1 and "expected a size like 256M" in _one_error_line(err)
     rc, err = _run("--kernel", "kvstore", "-m", "8M")
     assert rc == 1 and "at least 16M" in _one_error_line(err)
+    rc, err = _run("--kernel", "kvstore", "-m", "1e400")
+    assert rc == 1 and "expected a size like 256M" in _one_error_line(err)
 
 
 def test_malformed_chardev():

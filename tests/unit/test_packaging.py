@@ -32,9 +32,9 @@ def test_wheel_contains_every_module_extension_and_guest(tmp_path):
             expected.add("colocore_tui/" + f[len("tui/"):])
     missing = sorted(expected - names)
     assert not missing, "not in the wheel: %s" % missing
-    for ext in ("kvm", "dirtylog", "pages", "xbzrle", "lz4batch"):
+    for ext in ("kvm", "dirtylog", "pages", "xbzrle", "lz4batch", "virtq"):
         assert any(n.startswith("colocore_ext/%s." % ext) and n.endswith(".so") for n in names), ext
-    for guest in ("kvstore", "dirtier"):
+    for guest in ("kvstore", "dirtier", "kvnet"):
         assert "colocore/guests/%s.elf" % guest in names
     assert "colocore_tui/console.tcss" in names
     assert not any(n.startswith("tui/") for n in names)

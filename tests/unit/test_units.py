@@ -20,7 +20,9 @@ GOOD = {
     Section.CHECKPOINT: sections.encode_json({"id": 1, "dirty": 1}),
     Section.RAM: sections.encode_ram(array.array("I", [3]), bytes(range(256)) * 16, False),
     Section.RAM_ZERO: array.array("I", [4, 5]).tobytes(),
-    Section.RAM_DELTA: sections.encode_delta(array.array("I", [6]), array.array("i", [0]), b""),
+    # page 6 with its first byte set to 1: XBZRLE (zero run 0, literal run 1, the byte)
+    Section.RAM_DELTA: sections.encode_delta(array.array("I", [6]), array.array("i", [3]),
+                                             b"\x00\x01\x01"),
     Section.CPU: sections.encode_cpu({"regs": b"r" * 16}),
     Section.DEVICES: sections.encode_devices({"uart": {"b": b"\x01\x02"}}),
 }
@@ -35,8 +37,9 @@ BAD = {
                   struct.pack("<BBHI", 9, 0, 0, 1) + struct.pack("<I", 1) + bytes(4096),
                   struct.pack("<BBHI", 1, 0, 0, 1) + struct.pack("<I", 1) + b"\xff" * 20],
     Section.RAM_ZERO: [b"\0\0\0", struct.pack("<I", NPAGES)],
-    Section.RAM_DELTA: [b"", struct.pack("<I", 5), struct.pack("<IIi", 1, NPAGES, 0),
-                        struct.pack("<IIi", 1, 1, 7) + b"\x7f"],
+    Section.RAM_DELTA: [b"", struct.pack("<I", 5), struct.pack("<IIi", 1, NPAGES, 3) + b"\0\1\1",
+                        struct.pack("<IIi", 1, 1, 7) + b"\x7f", struct.pack("<IIi", 1, 1, 0),
+                        struct.pack("<I", 1 << 20) + bytes(8 << 20)],
     Section.CPU: [b"\x05", b"\x01\x00a\xff\xff\xff\xff"],
     Section.DEVICES: [b"{not json", b"[1]", b'{"uart": {"__b64__": "*"}}', b"{" * 50000],
 }
@@ -61,6 +64,8 @@ def test_good_units_read_whole(kind):
     u = _read(kind, [(k, GOOD[k]) for k in LAYOUT[kind]])
     if Section.RAM in LAYOUT[kind]:
         assert [list(p) for p, _ in u.ram][0] == [3]
+    if Section.RAM_DELTA in LAYOUT[kind]:
+        assert list(u.ram[1][0]) == [6] and u.ram[1][1][:2] == b"\x01\x00"
     if Section.CPU in LAYOUT[kind]:
         assert u.cpu == {"regs": b"r" * 16} and u.devices == {"uart": {"b": b"\x01\x02"}}
 

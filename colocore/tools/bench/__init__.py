@@ -5,6 +5,7 @@ real guests, next to a reference measured in the same run (memcpy, the unprotect
     checkpoint  pause, latency and guest progress under COLO (checkpoint.py)
     failover    x_colo_lost_heartbeat to the first answer (failover.py)
     migrate     initial live migration (migrate.py)
+    net         the networked guest (kvnet) against redis-server (net.py)
     partitions  an etcd-arbitrated service cut apart at random: split brain, lost writes,
                 failover time (partitions.py; needs root for network namespaces)
 
@@ -20,7 +21,7 @@ import sys
 from colocore.errors import ColocoreError
 from colocore.tools.bench.common import host_line, machine_description, say
 
-BENCHMARKS = ("pipeline", "checkpoint", "failover", "migrate", "partitions")
+BENCHMARKS = ("pipeline", "checkpoint", "failover", "migrate", "net", "partitions")
 
 
 def main(args):

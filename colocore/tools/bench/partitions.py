@@ -28,7 +28,7 @@ import time
 from colocore.errors import ColocoreError
 from colocore.tools.bench.common import say
 from colocore.tools.etcd import EtcdServer
-from colocore.tools.netlab import Lab, inside
+from colocore.tools.netlab import Lab
 from colocore.tools.procs import NodeSet
 from colocore.tools.stats import percentile
 
@@ -51,7 +51,7 @@ class Writer(threading.Thread):
         self.sent = 0
 
     def run(self):
-        with inside(self.host):
+        with Lab.enter(self.host):
             while not self.stop_flag.is_set():
                 try:
                     sock = socket.create_connection(("127.0.0.1", CONSOLE_PORT), timeout=0.3)
@@ -94,7 +94,7 @@ def read_back(host, acked):
     """GET every acknowledged key from the node on `host`; returns the keys not found."""
     keys = list(acked)
     lost = []
-    with inside(host):
+    with Lab.enter(host):
         sock = socket.create_connection(("127.0.0.1", CONSOLE_PORT), timeout=5)
     try:
         sock.settimeout(10)

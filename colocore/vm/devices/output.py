@@ -13,6 +13,11 @@ I/O between the check and the write.
 """
 import threading
 
+from colocore.vm.devices import U64, check_fields
+
+# Held output is device state: it must fit in a checkpoint's device part.
+MAX_PENDING = 32 << 20
+
 
 class OutputChannel:
     def __init__(self, name, deliver):
@@ -78,9 +83,13 @@ class OutputChannel:
         with self._lock:
             return {"base": self._base, "pending": bytes(self._pending)}
 
+    def check(self, state):
+        return check_fields(state, {"base": U64, "pending": ("bytes", MAX_PENDING)},
+                            "%s output" % self.name)
+
     def load(self, state):
         with self._lock:
-            self._base = int(state["base"])
+            self._base = state["base"]
             self._pending = bytearray(state["pending"])
             self._releasable = self._base if self.hold else self._base + len(self._pending)
             self._kick_locked()

@@ -5,7 +5,10 @@ IER, IIR/FCR, LCR, MCR, LSR, MSR, SCR, and the divisor latch behind LCR.DLAB.
 """
 import threading
 
+from colocore.vm.devices import U8, check_fields
+
 COM1 = 0x3F8
+RX_MAX = 65536
 LSR_DR, LSR_THRE, LSR_TEMT = 0x01, 0x20, 0x40
 
 
@@ -27,8 +30,8 @@ class Uart16550:
     def feed(self, data):
         with self._lock:
             self.rx += data
-            if len(self.rx) > 65536:      # a 16550 would have overrun long ago
-                del self.rx[:-65536]
+            if len(self.rx) > RX_MAX:     # a 16550 would have overrun long ago
+                del self.rx[:-RX_MAX]
 
     def pio_read(self, port, size):
         off = port - COM1
@@ -84,8 +87,13 @@ class Uart16550:
             return {"ier": self.ier, "lcr": self.lcr, "mcr": self.mcr, "scr": self.scr,
                     "fcr": self.fcr, "dll": self.dll, "dlm": self.dlm, "rx": bytes(self.rx)}
 
+    @staticmethod
+    def check(s):
+        return check_fields(s, {"ier": U8, "lcr": U8, "mcr": U8, "scr": U8, "fcr": U8,
+                                "dll": U8, "dlm": U8, "rx": ("bytes", RX_MAX)}, "uart")
+
     def load(self, s):
         with self._lock:
             for k in ("ier", "lcr", "mcr", "scr", "fcr", "dll", "dlm"):
-                setattr(self, k, int(s[k]))
+                setattr(self, k, s[k])
             self.rx = bytearray(s["rx"])
