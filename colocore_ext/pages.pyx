@@ -216,6 +216,26 @@ def scatter(uint8_t[::1] dest not None, const uint32_t[::1] pfns not None,
             memcpy(d + <size_t>pfns[k] * PAGE_SIZE, s + k * PAGE_SIZE, PAGE_SIZE)
 
 
+def copy_pages(uint8_t[::1] dest not None, const uint8_t[::1] src not None,
+               const uint32_t[::1] pfns not None):
+    """Copy pages pfns[k] of `src` to the same pages of `dest` (two equal-sized memories:
+    a COLO secondary puts back, from its RAM cache, the pages its own guest wrote)."""
+    cdef Py_ssize_t npages = _page_count(dest.shape[0], "the destination")
+    if src.shape[0] != dest.shape[0]:
+        raise ValueError("copy_pages: source of %d bytes, destination of %d"
+                         % (src.shape[0], dest.shape[0]))
+    cdef Py_ssize_t n = pfns.shape[0]
+    _check_pfns(pfns, npages, "the destination")
+    cdef Py_ssize_t k
+    cdef size_t off
+    cdef uint8_t *d = &dest[0] if npages else NULL
+    cdef const uint8_t *s = &src[0] if npages else NULL
+    with nogil:
+        for k in range(n):
+            off = <size_t>pfns[k] * PAGE_SIZE
+            memcpy(d + off, s + off, PAGE_SIZE)
+
+
 def fill_zero(uint8_t[::1] dest not None, const uint32_t[::1] pfns not None):
     """Zero pages pfns[k] of `dest` (pages that were sent as "zero page")."""
     cdef Py_ssize_t npages = _page_count(dest.shape[0], "the destination")

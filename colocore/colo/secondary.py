@@ -36,7 +36,17 @@ SILENCE_TIMEOUT = 5.0
 def run(colo, ch):
     colo.begin("secondary", ch)
     params = colo.settings.parameters
+    m = colo.machine
+    own_dirty = None
     try:
+        if colo.hybrid:
+            # Hybrid mode: this guest runs between checkpoints, fed the same input as the
+            # primary's. The cache holds RAM as of the last checkpoint loaded, so that a load
+            # can put back whatever this guest wrote since (unit.apply).
+            colo.cache = bytearray(m.memory.size)
+            pages.copy(colo.cache, m.memory.ram)
+            m.memory.harvest()          # from here on, its own writes are what it dirties
+            m.resume("colo")
         ch.send_msg(Msg.CHECKPOINT_READY)
         silence = colo.arbiter.silence_s if colo.arbiter is not None else SILENCE_TIMEOUT
         while colo.failover.state == FailoverState.NONE:
@@ -44,13 +54,18 @@ def run(colo, ch):
             ch.set_timeout(hb / 1000.0 if hb else silence)
             msg = ch.recv_msg()
             if msg == Msg.CHECKPOINT_REQUEST:
+                if colo.hybrid:
+                    # suspend this guest before the primary captures: from the reply on,
+                    # neither copy's state moves until both resume from the checkpoint
+                    m.park_quietly()
+                    own_dirty = m.memory.harvest()
                 ch.send_msg(Msg.CHECKPOINT_REPLY)
             elif msg == Msg.VMSTATE_SEND:
                 t0 = time.perf_counter()
                 cp = receive(ch, colo.machine)
                 ch.send_msg(Msg.VMSTATE_RECEIVED)
                 try:
-                    _load(colo, cp)
+                    _load(colo, cp, own_dirty)
                 except StreamError as exc:
                     # Checked whole before vmstate-received, yet the kernel refused it: the
                     # primary may release output for a state this node does not have, so
@@ -69,6 +84,9 @@ def run(colo, ch):
                 if cp.digest is not None:
                     _verify(colo, cp)
                 ch.send_msg(Msg.VMSTATE_LOADED)
+                if colo.hybrid:
+                    own_dirty = None
+                    m.unpark_quietly(True)      # both copies resume from the checkpoint
             elif msg == Msg.QUIT:
                 raise PeerLost("the primary left COLO (failover on the primary)")
             else:
@@ -89,13 +107,15 @@ def run(colo, ch):
         ch.close()
 
 
-def _load(colo, cp):
+def _load(colo, cp, own_dirty):
     with colo.apply_lock:
         colo.loading = True
         try:
             if faults.SLOW_LOAD_S:
                 time.sleep(faults.SLOW_LOAD_S)
-            units.apply(cp, colo.machine)
+            units.apply(cp, colo.machine, colo.cache, own_dirty)
+            if own_dirty is not None:
+                colo.stats.reverted_pages += len(own_dirty)
         finally:
             colo.loading = False
 

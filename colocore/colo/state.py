@@ -37,6 +37,7 @@ class ColoStats:
         self.last_latency_ms = 0.0
         self.verify_mismatches = 0
         self.verified = 0
+        self.reverted_pages = 0           # hybrid secondary: its own writes undone by loads
 
     @property
     def mean_pause_ms(self):
@@ -65,6 +66,7 @@ class Colo:
         self.peer_error = None
         self.trigger = threading.Event()  # checkpoint now (delay changed, failover)
         self.exit_sent = False
+        self.hybrid = False
         self.apply_lock = threading.Lock()
         self.loading = False
         self.secondary_done = threading.Event()   # the secondary loop has returned
@@ -73,6 +75,7 @@ class Colo:
         self.arbiter = None               # control/arbiter.py under --arbiter
         self.last_heard = 0.0             # secondary: when the primary's last byte came
         self.unusable = None              # why this secondary may not take over, if so
+        self.cache = None                 # hybrid secondary: RAM as of the last checkpoint
 
     # ---- reporting -----------------------------------------------------------------
 
@@ -80,8 +83,11 @@ class Colo:
         """query-colo-status: QEMU's fields, then colocore's (peer, checkpoints, verify)."""
         s = self.stats
         return {"mode": self.mode, "last-mode": self.last_mode, "reason": self.reason,
-                "failover-state": self.failover.state.value, "peer": self.peer_state,
+                "failover-state": self.failover.state.value,
+                "checkpoint-mode": "hybrid" if self.hybrid else "periodic",
+                "peer": self.peer_state,
                 "peer-error": self.peer_error, "checkpoints": s.checkpoints,
+                "reverted-pages": s.reverted_pages,
                 "verified": s.verified, "verify-mismatches": s.verify_mismatches}
 
     def exit_event(self, reason):
@@ -106,6 +112,10 @@ class Colo:
         self.mode = mode
         self.peer_state = "connected"
         self.unusable = None
+        self.cache = None
+        # hybrid (x-colo-hybrid, the primary's choice; a secondary learns it from the
+        # stream): the secondary's guest runs between checkpoints
+        self.hybrid = bool(self.settings.capabilities.get("x-colo-hybrid"))
 
     def leave(self):
         """This node is out of COLO (failover done, or stopped by a takeover)."""

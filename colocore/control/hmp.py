@@ -77,6 +77,7 @@ def format_colo(st):
              "last mode: %s" % st["last-mode"],
              "reason: %s" % st["reason"],
              "failover state: %s" % st["failover-state"],
+             "checkpoint mode: %s" % st["checkpoint-mode"],
              "peer: %s" % peer,
              "checkpoints: %d" % st["checkpoints"]]
     if st["verified"] or st["verify-mismatches"]:

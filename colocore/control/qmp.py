@@ -16,7 +16,6 @@ after another. A client that floods us has its socket paused while the queue is 
 import asyncio
 import json
 import logging
-import time
 
 from colocore.control.commands import version_info
 from colocore.errors import ColocoreError, QmpError

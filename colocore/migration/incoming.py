@@ -221,7 +221,10 @@ class Incoming:
                 except ColocoreError as exc:
                     ch.shut(str(exc))
                     raise
-            self.settings.capabilities["x-colo"] = True   # learnt from the stream
+            # learnt from the stream: the primary decides how the pair works
+            self.settings.capabilities["x-colo"] = True
+            self.settings.capabilities["x-colo-hybrid"] = bool(
+                info.get("capabilities", {}).get("x-colo-hybrid"))
             # a secondary that takes over protects itself the way its primary did
             for name, value in (info.get("parameters") or {}).items():
                 if name in self.settings.parameters and name != "x-colo-heartbeat":

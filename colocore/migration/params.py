@@ -3,7 +3,7 @@ from colocore.errors import ColocoreError
 
 # The order QEMU 7.2's `info migrate_capabilities` prints; colocore lists the ones it
 # implements.
-CAPABILITY_ORDER = ("xbzrle", "compress", "events", "x-colo", "return-path")
+CAPABILITY_ORDER = ("xbzrle", "compress", "events", "x-colo", "x-colo-hybrid", "return-path")
 
 # name -> (default, unit for `info migrate_parameters`, minimum, maximum)
 PARAMETERS = {
@@ -39,10 +39,11 @@ class MigrationSettings:
         self.on_parameter_change = lambda name, value: None
 
     def capability_names(self):
-        return [c for c in CAPABILITY_ORDER if c != "x-colo" or self.colo_supported]
+        return [c for c in CAPABILITY_ORDER
+                if not c.startswith("x-colo") or self.colo_supported]
 
     def check_capability(self, name):
-        if name == "x-colo" and not self.colo_supported:
+        if name.startswith("x-colo") and not self.colo_supported:
             raise ColocoreError("COLO is not supported on this host: it needs KVM with dirty "
                                 "logging; x-colo cannot be enabled")
         if name not in self.capabilities:

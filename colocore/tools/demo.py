@@ -13,6 +13,7 @@ import os
 import signal
 import time
 
+from colocore.clients import connect_when_open
 from colocore.clients.kv import KvClient
 from colocore.clients.qmp import QmpClient
 from colocore.errors import ColocoreError
@@ -100,18 +101,9 @@ def run_protected(max_keys, delay_ms, seconds, out):
 def _first_answer(address, timeout=30.0):
     """(client, time) of the first PING the new primary answers; its console opens only
     when it takes over, so connecting is part of the wait."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            kv = KvClient(address, timeout=5)
-            if kv.request("PING") == "PONG":
-                return kv, time.monotonic()
-            kv.close()
-        except (OSError, ColocoreError):
-            if time.monotonic() > deadline:
-                raise ColocoreError("the secondary did not answer within %.0f s of the "
-                                    "failover" % timeout) from None
-            time.sleep(0.001)
+    kv = KvClient(address, timeout=5, sock=connect_when_open(address, timeout, "the secondary"))
+    kv.wait_ready(timeout)
+    return kv, time.monotonic()
 
 
 def run_snapshot(nkeys, out):

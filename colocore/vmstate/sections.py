@@ -61,6 +61,11 @@ def decode_machine(payload):
     for key in ("kernel", "append", "name"):
         if info.get(key) is not None and not isinstance(info[key], str):
             raise StreamError("MACHINE section: %s is not a string" % key)
+    caps = info.get("capabilities", {})
+    if not isinstance(caps, dict) or not all(isinstance(v, bool) for v in caps.values()):
+        raise StreamError("MACHINE section: capabilities are not a map of on/off")
+    if not isinstance(info.get("x-colo", False), bool):
+        raise StreamError("MACHINE section: x-colo is not on/off")
     return info
 
 

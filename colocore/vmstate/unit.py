@@ -216,15 +216,25 @@ def check(unit, machine, what):
     unit.checked = True
 
 
-def apply(unit, machine):
+def apply(unit, machine, cache=None, own_dirty=None):
     """Apply a checked unit to the parked machine, all or nothing: the vCPU first (the one
     part the kernel may still refuse; then the machine is left as it was and StreamError
-    raised), then RAM and devices, which cannot fail."""
+    raised), then RAM and devices, which cannot fail.
+
+    `cache` (a hybrid COLO secondary's RAM cache: guest RAM as of the last checkpoint it
+    loaded) gets the unit's pages too, and the pages the secondary's own guest wrote
+    since then (`own_dirty`) are first put back from it: so RAM becomes exactly the
+    primary's state at its capture, whatever the secondary's guest did meanwhile."""
     assert unit.checked, "apply() of a unit that was not check()ed"
     machine.load_vcpu(unit.cpu)
     ram = machine.memory.ram
+    targets = (ram,) if cache is None else (ram, cache)
+    if cache is not None and own_dirty is not None and len(own_dirty):
+        pages.copy_pages(ram, cache, own_dirty)
     for pfns in unit.zero:
-        pages.fill_zero(ram, pfns)
+        for target in targets:
+            pages.fill_zero(target, pfns)
     for pfns, data in unit.ram:
-        pages.scatter(ram, pfns, data)
+        for target in targets:
+            pages.scatter(target, pfns, data)
     machine.load_devices(unit.devices)

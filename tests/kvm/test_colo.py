@@ -60,7 +60,8 @@ def test_capabilities_and_parameters_words(nodes):
     node = nodes.start("a", ["--kernel", "kvstore"])
     node.wait_monitor()
     assert node.hmp("info migrate_capabilities") == (
-        "xbzrle: off\ncompress: off\nevents: off\nx-colo: off\nreturn-path: off")
+        "xbzrle: off\ncompress: off\nevents: off\nx-colo: off\nx-colo-hybrid: off\n"
+        "return-path: off")
     assert node.hmp("migrate_set_capability x-colo on") == ""
     assert "x-colo: on" in node.hmp("info migrate_capabilities")
     params = node.hmp("info migrate_parameters")

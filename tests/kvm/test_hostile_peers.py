@@ -46,7 +46,7 @@ def _send(port, data, read_back=True):
         try:
             s.sendall(data)
             s.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:
             return b""              # refused before it read everything: as it should
         s.settimeout(15)
         got = b""

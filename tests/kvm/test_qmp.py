@@ -66,8 +66,8 @@ def test_greeting_and_queries(nodes):
         # QEMU's fields, then what `info colo` shows, as data
         assert await c.execute("query-colo-status") == {
             "mode": "none", "last-mode": "none", "reason": "none", "failover-state": "none",
-            "peer": "none", "peer-error": None, "checkpoints": 0, "verified": 0,
-            "verify-mismatches": 0}
+            "checkpoint-mode": "periodic", "peer": "none", "peer-error": None,
+            "checkpoints": 0, "reverted-pages": 0, "verified": 0, "verify-mismatches": 0}
         caps = await c.execute("query-migrate-capabilities")
         assert {"capability": "x-colo", "state": False} in caps
         params = await c.execute("query-migrate-parameters")

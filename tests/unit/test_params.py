@@ -28,7 +28,7 @@ def test_qemu_order_and_units():
     ops = _ops(True)
     assert [l.split(":")[0] for l in format_capabilities(
         ops.query_migrate_capabilities()).splitlines()] == \
-        ["xbzrle", "compress", "events", "x-colo", "return-path"]
+        ["xbzrle", "compress", "events", "x-colo", "x-colo-hybrid", "return-path"]
     ops.migrate_set_parameters({"max-bandwidth": "64M"})
     assert "max-bandwidth: 67108864 bytes/second" in format_parameters(
         ops.query_migrate_parameters())

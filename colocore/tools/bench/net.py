@@ -25,7 +25,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 
 from colocore.errors import ColocoreError

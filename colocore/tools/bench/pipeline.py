@@ -20,13 +20,11 @@ tiny CPL-3 guest (`PageWritingGuest`) that stores one byte to each page of a lis
 import array
 import ctypes
 import fcntl
-import json
 import mmap
 import os
 import random
 import statistics
 import struct
-import sys
 import time
 
 PAGE = 4096
