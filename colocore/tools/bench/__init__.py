@@ -15,6 +15,7 @@ SIGTERM).
 """
 import importlib
 import json
+import os
 import signal
 import sys
 
@@ -29,7 +30,14 @@ def main(args):
     every row)."""
     bench = importlib.import_module("colocore.tools.bench." + args.what)
 
+    main_pid = os.getpid()
+
     def terminated(signum, frame):
+        if os.getpid() != main_pid:
+            # a forked helper (pyroute2's NetNS runs one per namespace it enters) inherits
+            # this handler and our stack: unwinding it there would run our cleanups in the
+            # child, which deletes the lab's namespaces under the benchmark. End it quietly.
+            os._exit(128 + signum)
         raise KeyboardInterrupt        # SIGTERM (e.g. `timeout`) cleans up like Ctrl-C
     signal.signal(signal.SIGTERM, terminated)
     try:
