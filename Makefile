@@ -7,7 +7,10 @@ PYTHON ?= python3
 SOURCES := setup.py pyproject.toml constraints.txt $(wildcard colocore_ext/*.pyx colocore_ext/*.pxd guests/*.c guests/*.S guests/*.h guests/*.ld guests/*.py)
 PYTEST_ARGS ?=
 
-.PHONY: all install demo test test-tools bench clean etcd
+FUZZ_SECONDS ?= 60
+FUZZ_FINDINGS ?= /tmp/colocore-findings
+
+.PHONY: all install demo test test-tools bench fuzz clean etcd
 
 all: install
 
@@ -57,6 +60,18 @@ test-tools: install
 
 test: test-tools etcd
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+
+# Every fuzzer for FUZZ_SECONDS, the corpus kept under tests/fuzz/corpus/ (committed seeds
+# are the seed-* files); what is found goes to FUZZ_FINDINGS with a reproducer
+# (tests/fuzz/README.md). `make test` runs each for a few seconds.
+fuzz: install
+	mkdir -p $(FUZZ_FINDINGS)
+	for f in qmp hmp; do $(PY) tests/fuzz/fuzz_framers.py $$f tests/fuzz/corpus/$$f \
+		-max_total_time=$(FUZZ_SECONDS) -artifact_prefix=$(FUZZ_FINDINGS)/ || exit 1; done
+	FUZZ_FINDINGS=$(FUZZ_FINDINGS) $(PY) tests/fuzz/fuzz_unit.py tests/fuzz/corpus/unit \
+		-max_total_time=$(FUZZ_SECONDS) -artifact_prefix=$(FUZZ_FINDINGS)/ -rss_limit_mb=4096
+	for m in incoming colo; do $(PY) tests/fuzz/fuzz_streams.py $$m --seconds $(FUZZ_SECONDS) \
+		--findings $(FUZZ_FINDINGS) || exit 1; done
 
 bench: install
 	$(VENV)/bin/colocore bench pipeline

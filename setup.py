@@ -80,7 +80,7 @@ setup(
     python_requires=">=3.11",
     install_requires=["textual", "psutil", "lz4", "pyroute2", "etcd3gw", "requests"],
     extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "qemu.qmp",
-                             "pytest-textual-snapshot", "redis"]},
+                             "pytest-textual-snapshot", "redis", "atheris"]},
     entry_points={"console_scripts": ["colocore=colocore.cli:main",
                                       "colocore-tui=colocore_tui.app:main"]},
 )

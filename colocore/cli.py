@@ -18,8 +18,12 @@ def _run_parser(sub):
     p.add_argument("--monitor", help="chardev of the HMP monitor")
     p.add_argument("--qmp", help="chardev of the QMP (JSON) monitor, e.g. unix:PATH,server=on,wait=off")
     p.add_argument("-S", action="store_true", help="do not start the guest (cont starts it)")
-    p.add_argument("--incoming", help="file:PATH (restore a saved guest) or tcp:HOST:PORT "
-                   "(wait for a live migration / become a COLO secondary)")
+    p.add_argument("--incoming", help="file:PATH (restore a saved guest), tcp:HOST:PORT "
+                   "(wait for a live migration / become a COLO secondary) or defer "
+                   "(migrate_incoming tcp:HOST:PORT later, after tls-creds)")
+    p.add_argument("--object", action="append", metavar="TYPE,id=ID,...",
+                   help="tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off] "
+                        "or authz-simple,id=ID,identity=DN|sha256:FINGERPRINT (repeatable)")
     p.add_argument("--name", help="the node's name (logs, events)")
     p.add_argument("--nic", metavar="tap,ifname=NAME[,mac=MAC][,br=BRIDGE]",
                    help="a virtio-net card on tap NAME (created if missing, attached to BRIDGE, "
@@ -106,6 +110,9 @@ def main(argv=None):
     b.add_argument("--ttl", type=int, default=1000, help="partitions: the lease in ms")
     b.add_argument("--capabilities", default="compress", metavar="CAP,...",
                    help="checkpoint: migration capabilities of the primary (default compress)")
+    b.add_argument("--tls", choices=("both", "on", "off"), default="both",
+                   help="checkpoint: plain and TLS pairs in the same run (both, the default), "
+                        "or only one kind")
     b.add_argument("--no-harvest", action="store_true",
                    help="pipeline: skip the dirty-log harvest (needs /dev/kvm and 4 GiB)")
     b.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # smoke tests

@@ -29,6 +29,7 @@ class NodeView:
     checkpoints: int = 0
     arbiter: str = ""                # "" without --arbiter; else state, role, lease
     arbiter_role: str = ""           # serving | secondary | standby | none
+    channel: str = ""                # the migration channel: TLS, and the peer's identity
     pid: int | None = None           # known for local nodes only
     cpu_percent: float | None = None
     rss_bytes: int | None = None

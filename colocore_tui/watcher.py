@@ -8,6 +8,7 @@ import asyncio
 import os
 import time
 
+from colocore.control.hmp import format_channel
 from colocore_tui.link import CommandFailed, LinkLost, open_link, wait_for
 from colocore_tui.messages import LinkChanged, NodeEvent, NodeStatus, SettingsRead
 from colocore_tui.model import arbiter_summary
@@ -172,6 +173,8 @@ class NodeWatcher:
         fields["vm_status"] = st.get("status", "?")
         mig = await link.execute("query-migrate")
         fields["migration"] = mig.get("status", "none")
+        if "x-channel" in mig:
+            fields["channel"] = format_channel(mig["x-channel"])
         try:
             fields.update(colo_fields(await link.execute("query-colo-status")))
         except CommandFailed:

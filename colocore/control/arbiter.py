@@ -43,9 +43,9 @@ class ColoArbiter:
     """One node's use of the arbiter. Engine hooks are called from the COLO threads; the
     arbiter's own thread renews; nothing here runs on the checkpoint pause path.
 
-    Given what it uses (`attach`): the machine (its output channels), the COLO state, the
-    outgoing and incoming migrations, the settings, the control loop, `emit(event, data)`
-    and `leave(status)` (quit the process with an exit status)."""
+    Given what it uses (`attach`, `attach_incoming`): the machine (its output channels),
+    the COLO state, the outgoing and incoming migrations, the settings, the control loop,
+    `emit(event, data)` and `leave(status)` (quit the process with an exit status)."""
 
     def __init__(self, spec, name):
         self.spec = spec
@@ -61,7 +61,6 @@ class ColoArbiter:
         self.incoming_uri = None
         self.stale_reason = None
         self.protecting = None          # the standby a protect is running onto
-        self._takeover_thread = None
         self._failed_standbys = {}      # standby id -> when protecting onto it failed
         self.machine = self.colo = self.migration = self.incoming = self.settings = None
         self.loop = None
@@ -69,21 +68,24 @@ class ColoArbiter:
         self.leave = lambda status: None
         self.quitting = False
 
-    def attach(self, machine, colo, migration, incoming, settings, loop, emit, leave):
+    def attach(self, machine, colo, migration, settings, loop, emit, leave):
         """Wire the node's parts in; the fence guards the machine's output from now on."""
-        self.machine, self.colo, self.migration, self.incoming = machine, colo, migration, incoming
+        self.machine, self.colo, self.migration = machine, colo, migration
         self.settings, self.loop, self.emit, self.leave = settings, loop, emit, leave
         colo.arbiter = self
         migration.colo_info = self.machine_info
         migration.stall_timeout = self.stall_timeout
-        if incoming is not None:
-            incoming.check_colo = self.incoming_colo
-            incoming.on_failed = self.incoming_failed
-            incoming.timeout = self.stall_timeout
         for out in self.outputs():
             out.fence = self.may_release
         if machine.nic is not None:
             machine.nic.fence = self.may_release
+
+    def attach_incoming(self, incoming):
+        """The node's destination side (created at start-up, or by migrate_incoming)."""
+        self.incoming = incoming
+        incoming.check_colo = self.incoming_colo
+        incoming.on_failed = self.incoming_failed
+        incoming.timeout = self.stall_timeout
 
     @property
     def lost(self):
@@ -207,8 +209,7 @@ class ColoArbiter:
             if won:
                 log.info("COLO secondary: won %s; taking over", self.spec.key)
                 take_over()
-        self._takeover_thread = threading.Thread(target=run, name="arbiter-takeover", daemon=True)
-        self._takeover_thread.start()
+        threading.Thread(target=run, name="arbiter-takeover", daemon=True).start()
 
     # ---- the operator ----------------------------------------------------------------
 
@@ -313,13 +314,6 @@ class ColoArbiter:
         log.info("protecting onto standby %s at %s", standby["name"], standby["uri"])
         return {"standby": standby["name"], "uri": standby["uri"], "id": standby["id"]}
 
-    def next_standby(self):
-        """The standby `colo_protect` would use now (None: none registered)."""
-        try:
-            return self.pick_standby()
-        except ColocoreError:
-            return None
-
     def auto_protect_tick(self):
         """Control loop, every ttl/3: protect=auto and serving alone -> protect."""
         if self.quitting:
@@ -362,3 +356,43 @@ class ColoArbiter:
     def close(self):
         self.quitting = True
         self.arbiter.close()
+
+
+# ---- HMP's words for the arbiter's data (control/hmp.py prints them) --------------------
+
+def format_arbiter(a):
+    lines = ["arbiter: %s, %s, key %s" % (a["state"], a["role"] or "none", a["key"])]
+    if a["role"] == "serving":
+        lines.append("arbiter lease: %d ms of %d (margin %.1f ms), output %s" % (
+            a["lease-ms"], a["ttl-ms"], a["margin-ms"], "released" if a["may-release"] else "held"))
+    elif a["holder"]:
+        lines.append("arbiter holder: %s" % a["holder"])
+    if a["phase"]:
+        lines.append("arbiter phase: %s" % a["phase"])
+    if a["state"] == "etcd unreachable":
+        lines.append("arbiter: no automatic failover while etcd is unreachable")
+    if a["override"]:
+        lines.append("arbiter override: %s" % a["override"])
+    if a["standbys"]:
+        lines.append("standbys: %s" % ", ".join(a["standbys"]))
+    return lines
+
+
+def format_standbys(standbys):
+    return "\n".join("%s %s%s" % (s["name"], s["uri"], "  (next)" if s["next"] else "")
+                     for s in standbys) or "no standby registered"
+
+
+def register_arbiter_hmp(hmp, ops):
+    """The arbiter's HMP commands, in control/hmp.py's table."""
+    hmp.info("colo_standbys", "show the standbys registered with the arbiter")(
+        lambda args: format_standbys(ops.query_colo_standbys()))
+
+    @hmp.command("colo_protect", "[standby]",
+                 "protect this node (serving alone) onto a standby registered with the "
+                 "arbiter (default: the one info colo_standbys lists first)")
+    def _protect(args):
+        if len(args) > 1:
+            raise ColocoreError("usage: colo_protect [STANDBY]")
+        out = ops.x_colo_protect(args[0] if args else None)
+        return "protecting onto standby %s at %s" % (out["standby"], out["uri"])

@@ -1,7 +1,15 @@
 """Character devices in QEMU's spelling: where a device's bytes come from and go to.
 
-    tcp:HOST:PORT,server=on,wait=off   unix:PATH,server=on,wait=off
+    tcp:HOST:PORT,server=on,wait=off[,tls-creds=ID[,tls-authz=ID]]
+    unix:PATH,server=on,wait=off[,mode=0600]
     stdio   file:PATH   none   log
+
+`tcp::PORT` listens on loopback (colocore/paths.py has the one address rule); a unix
+socket is created with mode 0600 (or `mode=`) whatever the umask, and only a stale socket
+at its path is ever removed; `file:` never follows a symlink. With `tls-creds` (a
+tls-creds-x509 object with endpoint=server) every client must complete a TLS handshake,
+by default with a certificate our CA signed, and pass `tls-authz` if given, before it
+gets a single byte (a greeting, a prompt, guest output); a refused client is logged.
 
 Socket chardevs are servers. A console has one client at a time, like QEMU's: a second
 client waits (its connection is accepted, but it is neither read nor written) until the
@@ -17,13 +25,16 @@ import socket
 import sys
 from dataclasses import dataclass, field
 
-from colocore.errors import ChardevError
+from colocore import paths, tls
+from colocore.errors import ChardevError, ColocoreError
 
 log = logging.getLogger("colocore.chardev")
 
 # Bytes queued towards a client that does not read; past this the client is dropped
 # rather than letting the node's memory grow without bound.
 MAX_CLIENT_BACKLOG = 8 << 20
+# Clients of one chardev at once (served or waiting); more are closed at once, logged.
+MAX_CLIENTS = 64
 
 
 @dataclass
@@ -35,6 +46,9 @@ class ChardevSpec:
     server: bool = True
     wait: bool = False
     options: dict = field(default_factory=dict)
+    tls_creds: str = ""       # id of a tls-creds-x509 object (tcp only, as QEMU)
+    tls_authz: str = ""       # id of an authz-simple object
+    mode: int = paths.SOCKET_MODE     # unix sockets
 
     def __str__(self):
         if self.kind == "tcp":
@@ -66,9 +80,27 @@ def parse_chardev(spec, what="chardev"):
     server = _onoff("server", options.pop("server", "on"), spec)
     wait = _onoff("wait", options.pop("wait", "off"), spec)
     options.pop("nowait", None)
+    tls_creds = options.pop("tls-creds", "")
+    tls_authz = options.pop("tls-authz", "")
+    mode = options.pop("mode", None)
     if options:
-        raise ChardevError("%s %r: unknown option(s) %s; colocore knows server= and wait="
-                           % (what, spec, ", ".join(sorted(options))))
+        raise ChardevError("%s %r: unknown option(s) %s; colocore knows server=, wait=, "
+                           "tls-creds=, tls-authz= and mode=" % (what, spec, ", ".join(sorted(options))))
+    kind = head.partition(":")[0]
+    if (tls_creds or tls_authz) and kind != "tcp":
+        raise ChardevError("%s %r: TLS is only supported on tcp: sockets (as in QEMU)" % (what, spec))
+    if tls_authz and not tls_creds:
+        raise ChardevError("%s %r: tls-authz needs tls-creds" % (what, spec))
+    if mode is not None:
+        if kind != "unix":
+            raise ChardevError("%s %r: mode= is for unix: sockets" % (what, spec))
+        try:
+            mode = int(mode, 8)
+        except ValueError:
+            mode = -1
+        if not 0 <= mode <= 0o777:
+            raise ChardevError("%s %r: mode must be octal permissions like 0600 or 0660"
+                               % (what, spec))
     if head in ("stdio", "none", "log"):
         return ChardevSpec(head)
     kind, sep, rest = head.partition(":")
@@ -76,18 +108,15 @@ def parse_chardev(spec, what="chardev"):
         raise ChardevError("%s %r: expected tcp:HOST:PORT, unix:PATH, file:PATH, stdio or none"
                            % (what, spec))
     if kind == "tcp":
-        host, sep, port = rest.rpartition(":")
-        if not sep:
-            raise ChardevError("%s %r: tcp needs HOST:PORT" % (what, spec))
         try:
-            port_no = int(port)
-        except ValueError:
-            raise ChardevError("%s %r: port %r is not a number" % (what, spec, port)) from None
-        if not 0 <= port_no <= 65535:
-            raise ChardevError("%s %r: port %d out of range 0-65535" % (what, spec, port_no))
-        return ChardevSpec("tcp", host=host or "0.0.0.0", port=port_no, server=server, wait=wait)
+            host, port_no = paths.parse_host_port(rest, "%s %r" % (what, spec))
+        except ColocoreError as exc:
+            raise ChardevError("%s; use tcp:HOST:PORT" % exc) from None
+        return ChardevSpec("tcp", host=host, port=port_no, server=server, wait=wait,
+                           tls_creds=tls_creds, tls_authz=tls_authz)
     if kind == "unix":
-        return ChardevSpec("unix", path=rest, server=server, wait=wait)
+        return ChardevSpec("unix", path=rest, server=server, wait=wait,
+                           mode=paths.SOCKET_MODE if mode is None else mode)
     if kind == "file":
         return ChardevSpec("file", path=rest)
     raise ChardevError("%s %r: unknown backend %r; use tcp:, unix:, file:, stdio or none"
@@ -98,6 +127,7 @@ class _Client(asyncio.Protocol):
     def __init__(self, chardev):
         self.chardev = chardev
         self.transport = None
+        self.security = tls.PLAIN
 
     def connection_made(self, transport):
         self.transport = transport
@@ -123,13 +153,62 @@ class _Client(asyncio.Protocol):
         t.write(data)
 
 
+class _TlsGate(asyncio.Protocol):
+    """A tcp client of a TLS chardev before its handshake: nothing reaches the chardev
+    (no greeting, no prompt, no output) until the handshake and the authz check passed."""
+
+    def __init__(self, chardev, creds, authz):
+        self.chardev = chardev
+        self.creds = creds
+        self.authz = authz
+
+    def connection_made(self, transport):
+        transport.pause_reading()
+        peer = transport.get_extra_info("peername")
+        peer = "%s:%d" % tuple(peer[:2]) if peer else "?"
+        self.chardev._handshakes.add(asyncio.ensure_future(self._handshake(transport, peer)))
+
+    async def _handshake(self, transport, peer):
+        cd = self.chardev
+        what = "%s chardev" % cd.name
+        client = _Client(cd)
+        loop = asyncio.get_running_loop()
+        try:
+            tls_transport = await loop.start_tls(transport, client, self.creds.context,
+                                                 server_side=True,
+                                                 ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT)
+        except (OSError, ValueError, ConnectionError, asyncio.TimeoutError) as exc:
+            log.warning("%s: refused %s: %s", what, peer, tls.refusal_reason(exc))
+            transport.abort()
+            return
+        finally:
+            cd._handshakes.discard(asyncio.current_task())
+        sec = tls.security_of(tls_transport.get_extra_info("ssl_object"))
+        if self.authz is not None and not self.authz.allows(sec):
+            log.warning("%s: refused %s: certificate %s (sha256 %s) is not allowed by authz %s",
+                        what, peer, sec.peer or "?", sec.fingerprint, self.authz.id)
+            tls_transport.abort()
+            return
+        log.info("%s: %s connected with TLS as %s", what, peer, sec.peer or "an unverified client")
+        client.security = sec
+        client.connection_made(tls_transport)
+
+    def data_received(self, data):
+        pass            # start_tls has taken the transport over
+
+    def connection_lost(self, exc):
+        pass
+
+
 class Chardev:
     """A chardev on the control loop. Subclass or set `on_input`, `on_connect`."""
 
-    def __init__(self, spec, name, shared=False):
+    def __init__(self, spec, name, shared=False, objects=None):
         self.spec = spec if isinstance(spec, ChardevSpec) else parse_chardev(spec, name)
         self.name = name
         self.shared = shared
+        self.objects = objects if objects is not None else tls.Objects()
+        self._handshakes = set()
         self.clients = []          # for non-shared chardevs, clients[0] is the active one
         self.server = None
         self._file = None
@@ -143,20 +222,32 @@ class Chardev:
 
     async def open(self, loop):
         s = self.spec
+        what = "--%s" % self.name
         try:
             if s.kind == "tcp":
                 if not s.server:
                     raise ChardevError("%s: only server=on sockets are supported" % self.name)
-                self.server = await loop.create_server(lambda: _Client(self), s.host, s.port,
+                factory = lambda: _Client(self)  # noqa: E731
+                if s.tls_creds:
+                    creds = self.objects.creds(s.tls_creds, "server", "%s %s" % (what, s))
+                    authz = self.objects.authz(s.tls_authz, "%s %s" % (what, s)) \
+                        if s.tls_authz else None
+                    if authz is not None and not creds.verify_peer:
+                        raise ChardevError("%s %s: tls-authz needs client certificates: create "
+                                           "%s with verify-peer=on" % (what, s, s.tls_creds))
+                    factory = lambda: _TlsGate(self, creds, authz)  # noqa: E731
+                self.server = await loop.create_server(factory, s.host, s.port,
                                                        reuse_address=True)
+                paths.warn_if_exposed(log, what, s.host, s.port, bool(s.tls_creds))
             elif s.kind == "unix":
-                if os.path.exists(s.path):
-                    _remove_stale_socket(s.path, self.name)
-                self.server = await loop.create_unix_server(lambda: _Client(self), s.path)
+                sock = paths.bind_unix(s.path, what, s.mode)
+                self.server = await loop.create_unix_server(lambda: _Client(self), sock=sock)
             elif s.kind == "file":
-                self._file = open(s.path, "ab", buffering=0)
+                self._file = paths.open_append_nofollow(s.path, what)
             elif s.kind == "stdio":
                 await self._open_stdio(loop)
+        except ColocoreError as exc:
+            raise ChardevError(str(exc)) from None
         except OSError as exc:
             raise ChardevError("%s %s: cannot open: %s%s" % (
                 self.name, s, exc.strerror or exc,
@@ -182,6 +273,11 @@ class Chardev:
         self.on_input(data, None)
 
     def _client_arrived(self, client):
+        if len(self.clients) >= MAX_CLIENTS:
+            # each client costs a descriptor and buffers: a flood of them is refused
+            log.warning("%s: %d clients already; refusing one more", self.name, MAX_CLIENTS)
+            client.transport.abort()
+            return
         self.clients.append(client)
         if not self.shared and len(self.clients) > 1:
             client.transport.pause_reading()      # waits for its turn
@@ -241,29 +337,10 @@ class Chardev:
             self.server.close()
             self.server = None
         self.disconnect_all()
+        for task in list(self._handshakes):
+            task.cancel()
         if self.spec.kind == "unix":
-            try:
-                os.unlink(self.spec.path)
-            except OSError:
-                pass
+            paths.remove_own_socket(self.spec.path)
         if self._file is not None and self.spec.kind == "file":
             self._file.close()
         self._file = None
-
-
-def _remove_stale_socket(path, name):
-    """A unix socket file left by a dead node is removed; a live one is an error."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(0.5)
-        probe.connect(path)
-    except OSError:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        return
-    finally:
-        probe.close()
-    raise ChardevError("%s unix:%s: another process is serving this socket; stop it or "
-                       "pick another path" % (name, path))

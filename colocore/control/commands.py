@@ -20,9 +20,10 @@ def version_info():
 
 class Commands:
     def __init__(self, machine, settings, migration, colo, emit, request_quit, announce=None,
-                 arbiter=None):
+                 migrate_incoming=None, arbiter=None):
         self.arbiter = arbiter          # control/arbiter.py under --arbiter
         self.machine = machine
+        self._migrate_incoming = migrate_incoming
         self.settings = settings
         self.migration = migration
         self.colo = colo
@@ -100,6 +101,13 @@ class Commands:
         """Start a migration; returns a future that completes when it ends."""
         return self.migration.start(uri)
 
+    def migrate_incoming(self, uri):
+        """Start listening on a node started with --incoming defer (QEMU's order: set
+        tls-creds and the other parameters first, then migrate_incoming)."""
+        if self._migrate_incoming is None:
+            raise ColocoreError("'-incoming' was not specified on the command line")
+        self._migrate_incoming(uri)
+
     def migrate_cancel(self):
         self.migration.cancel()
 
@@ -133,6 +141,9 @@ class Commands:
                               "total-bytes": st.total_bytes,
                               "last-latency-ms": round(st.last_latency_ms, 3),
                               "compression-ratio": round(st.compression_ratio, 3)}
+        if mig.channel_security is not None:
+            # colocore's: whether the channel is authenticated, and as whom
+            info["x-channel"] = mig.channel_security.as_dict()
         if mig.error:
             info["error-desc"] = mig.error
         return info

@@ -11,14 +11,18 @@ import logging
 import shlex
 
 from colocore import __version__
+from colocore.control.arbiter import format_arbiter, register_arbiter_hmp
 from colocore.errors import ColocoreError
-from colocore.migration.params import PARAMETERS, PARAMETER_ORDER
+from colocore.migration.params import PARAMETERS, PARAMETER_ORDER, TLS_PARAMETERS
 
 log = logging.getLogger("colocore.monitor")
 
 PROMPT = "(colocore) "
 BANNER = "colocore %s monitor - type 'help' for more information\r\n" % __version__
 MAX_LINE = 64 * 1024
+# Raw input held per monitor client before its socket stops being read.
+INBOX_MAX = 2 * MAX_LINE
+TOO_LONG = object()
 
 
 class HmpError(ColocoreError):
@@ -57,9 +61,22 @@ def format_migrate(info):
                   "colo last bytes: %d" % colo["last-bytes"],
                   "colo last latency: %.3f ms" % colo["last-latency-ms"],
                   "colo compression ratio: %.2f" % colo["compression-ratio"]]
+    channel = info.get("x-channel")
+    if channel is not None:
+        lines.append("channel: %s" % format_channel(channel))
     if info.get("error-desc"):
         lines.append("error: %s" % info["error-desc"])
     return "\n".join(lines)
+
+
+def format_channel(channel):
+    """query-migrate's x-channel in words (the console shows the same)."""
+    if not channel.get("tls"):
+        return "plain tcp, not authenticated"
+    if not channel.get("authenticated"):
+        return "tls (%s), peer not authenticated" % channel.get("tls-version", "?")
+    return "tls (%s), peer authenticated as %s" % (channel.get("tls-version", "?"),
+                                                   channel.get("peer-identity") or "?")
 
 
 def format_capabilities(caps):
@@ -67,7 +84,8 @@ def format_capabilities(caps):
 
 
 def format_parameters(params):
-    return "\n".join("%s: %d %s" % (name, params[name], PARAMETERS[name][1])
+    return "\n".join("%s: '%s'" % (name, params[name]) if name in TLS_PARAMETERS else
+                     "%s: %d %s" % (name, params[name], PARAMETERS[name][1])
                      for name in PARAMETER_ORDER)
 
 
@@ -101,29 +119,6 @@ def format_network(n):
             c["tx_frames"], c["tx_bytes"], c["tx_dropped"], n["tx-held"], n["tx-written"],
             n["tx-write-errors"]),
         "  vcpu: %d exits, %d waits" % (n["vcpu-exits"], n["waits"])])
-
-
-def format_arbiter(a):
-    lines = ["arbiter: %s, %s, key %s" % (a["state"], a["role"] or "none", a["key"])]
-    if a["role"] == "serving":
-        lines.append("arbiter lease: %d ms of %d (margin %.1f ms), output %s" % (
-            a["lease-ms"], a["ttl-ms"], a["margin-ms"], "released" if a["may-release"] else "held"))
-    elif a["holder"]:
-        lines.append("arbiter holder: %s" % a["holder"])
-    if a["phase"]:
-        lines.append("arbiter phase: %s" % a["phase"])
-    if a["state"] == "etcd unreachable":
-        lines.append("arbiter: no automatic failover while etcd is unreachable")
-    if a["override"]:
-        lines.append("arbiter override: %s" % a["override"])
-    if a["standbys"]:
-        lines.append("standbys: %s" % ", ".join(a["standbys"]))
-    return lines
-
-
-def format_standbys(standbys):
-    return "\n".join("%s %s%s" % (s["name"], s["uri"], "  (next)" if s["next"] else "")
-                     for s in standbys) or "no standby registered"
 
 
 def format_xp(addr, data):
@@ -210,17 +205,7 @@ class Hmp:
                  "and the virtio-net ANNOUNCE bit)", ops.announce_self)):
             self.command(name, "", helptext)(no_args(fn))
 
-        self.info("colo_standbys", "show the standbys registered with the arbiter")(
-            lambda args: format_standbys(ops.query_colo_standbys()))
-
-        @self.command("colo_protect", "[standby]",
-                      "protect this node (serving alone) onto a standby registered with the "
-                      "arbiter (default: the one info colo_standbys lists first)")
-        def _protect(args):
-            if len(args) > 1:
-                raise HmpError("usage: colo_protect [STANDBY]")
-            out = ops.x_colo_protect(args[0] if args else None)
-            return "protecting onto standby %s at %s" % (out["standby"], out["uri"])
+        register_arbiter_hmp(self, ops)       # info colo_standbys, colo_protect
 
         @self.command("migrate", "[-d] uri", "migrate to URI (file:PATH or tcp:HOST:PORT); -d: do not wait")
         async def _migrate(args):
@@ -231,6 +216,14 @@ class Hmp:
             # With x-colo the migration never "finishes" (it turns into COLO): don't wait.
             if "-d" not in args and not ops.settings.capabilities.get("x-colo"):
                 await fut
+            return ""
+
+        @self.command("migrate_incoming", "uri",
+                      "start listening for an incoming migration (after --incoming defer)")
+        def _migrate_incoming(args):
+            if len(args) != 1:
+                raise HmpError("usage: migrate_incoming tcp:HOST:PORT")
+            ops.migrate_incoming(args[0])
             return ""
 
         @self.command("migrate_set_capability", "capability state",
@@ -284,42 +277,95 @@ class Hmp:
             return "Error: internal error in %s: %s" % (name, exc), False
 
 
+class LineReader:
+    """Monitor input cut into lines as they are asked for: `feed(data)` keeps the bytes,
+    `next_line()` returns the next complete line, TOO_LONG once for a line over MAX_LINE
+    (the rest of it, up to its newline, is dropped), or None when no line is complete."""
+
+    def __init__(self, max_line=MAX_LINE):
+        self.max_line = max_line
+        self.inbox = bytearray()
+        self.skipping = False
+
+    def __len__(self):
+        return len(self.inbox)
+
+    def feed(self, data):
+        self.inbox += data
+
+    def next_line(self):
+        while True:
+            if self.skipping:
+                i = self.inbox.find(b"\n")
+                if i < 0:
+                    self.inbox.clear()
+                    return None
+                del self.inbox[:i + 1]
+                self.skipping = False
+                continue
+            i = self.inbox.find(b"\n", 0, self.max_line + 1)
+            if i < 0:
+                if len(self.inbox) > self.max_line:
+                    self.skipping = True
+                    return TOO_LONG
+                return None
+            line = bytes(self.inbox[:i]).decode("utf-8", "replace").rstrip("\r")
+            del self.inbox[:i + 1]
+            return line
+
+
 class MonitorSession:
-    """One monitor client on a chardev: line in, output + prompt out."""
+    """One monitor client on a chardev: line in, output + prompt out.
+
+    Input is held as raw bytes and cut into lines only as commands are run, so a client
+    that sends faster than commands finish holds at most INBOX_MAX bytes (its socket is
+    not read meanwhile), never an unbounded queue of lines."""
 
     def __init__(self, hmp, chardev, client):
         self.hmp = hmp
         self.chardev = chardev
         self.client = client
-        self.buf = bytearray()
-        self.queue = asyncio.Queue()
+        self.lines = LineReader()
+        self.paused = False
+        self.wake = asyncio.Event()
         self.task = asyncio.ensure_future(self._run())
 
     def greet(self):
         self.chardev.write((BANNER + PROMPT).encode(), self.client)
 
     def feed(self, data):
-        self.buf += data
-        while True:
-            i = self.buf.find(b"\n")
-            if i < 0:
-                if len(self.buf) > MAX_LINE:
-                    self.buf.clear()
-                    self.queue.put_nowait(None)
-                return
-            line = bytes(self.buf[:i]).decode("utf-8", "replace").rstrip("\r")
-            del self.buf[:i + 1]
-            self.queue.put_nowait(line)
+        self.lines.feed(data)
+        t = getattr(self.client, "transport", None)
+        if t is not None and len(self.lines) > INBOX_MAX and not self.paused:
+            self.paused = True
+            t.pause_reading()
+        self.wake.set()
+
+    def _maybe_resume(self):
+        if self.paused and len(self.lines) < INBOX_MAX // 2:
+            self.paused = False
+            t = getattr(self.client, "transport", None)
+            if t is not None and not t.is_closing():
+                t.resume_reading()
 
     async def _run(self):
+        burst = 0
         while True:
-            line = await self.queue.get()
+            line = self.lines.next_line()
+            self._maybe_resume()
             if line is None:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            if line is TOO_LONG:
                 out, _ = "Error: command line too long (limit %d bytes)" % MAX_LINE, False
             else:
                 out, _ = await self.hmp.execute(line)
             text = (out + "\r\n" if out else "") + PROMPT
             self.chardev.write(text.replace("\r\n", "\n").replace("\n", "\r\n").encode(), self.client)
+            burst += 1
+            if burst % 64 == 0:
+                await asyncio.sleep(0)    # many queued lines: let the loop breathe
 
     def close(self):
         self.task.cancel()

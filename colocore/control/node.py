@@ -20,11 +20,12 @@ from colocore.control.chardev import Chardev, parse_chardev
 from colocore.control.commands import Commands
 from colocore.control.hmp import Hmp, attach_monitor, format_status
 from colocore.control.qmp import QmpCommands, attach_qmp
+from colocore import paths, tls
 from colocore.errors import ColocoreError
 from colocore.migration.incoming import Incoming
 from colocore.migration.outgoing import Migration
 from colocore.migration.params import MigrationSettings
-from colocore.migration.transport import Listener
+from colocore.migration.transport import Listener, parse_tcp_uri
 from colocore.net.announce import announce
 from colocore.net.tap import TapBackend, parse_nic
 from colocore.vm.devices.virtio_net import DEFAULT_MAC
@@ -79,6 +80,8 @@ class Node:
         self._paused_clients = []
         self.quit_event = None
         self.event_listeners = []
+        # --object: TLS credentials and authz, created (files read) before anything else
+        self.objects = tls.Objects(getattr(args, "object", None) or ())
         if getattr(args, "stats_file", None):
             self.event_listeners.append(_stats_writer(args.stats_file))
         # validate every chardev spec before anything is created
@@ -133,8 +136,11 @@ class Node:
                 mem = mem or snap.info["mem_size"]
             elif kind == "tcp":
                 tcp_incoming = a.incoming
+            elif a.incoming == "defer":
+                tcp_incoming = "defer"        # migrate_incoming tcp:HOST:PORT comes later
             else:
-                raise ColocoreError("--incoming %r: use file:PATH or tcp:HOST:PORT" % a.incoming)
+                raise ColocoreError("--incoming %r: use file:PATH, tcp:HOST:PORT or defer"
+                                    % a.incoming)
         elif not a.kernel:
             raise ColocoreError("nothing to run: give --kernel NAME|PATH or --incoming file:PATH|tcp:HOST:PORT")
         mem = mem or (256 << 20)
@@ -152,8 +158,8 @@ class Node:
         m.serial_out.attach(self.loop.call_soon_threadsafe)
         if self.arbiter is not None:
             # before the guest runs: no byte leaves unless the arbiter says this node serves
-            self.arbiter.attach(m, self.colo, self.migration, self.incoming, self.settings,
-                                self.loop, self.emit_event, self._leave)
+            self.arbiter.attach(m, self.colo, self.migration, self.settings, self.loop,
+                                self.emit_event, self._leave)
             if tcp_incoming:
                 self.arbiter.start_incoming(tcp_incoming, mem)
             else:
@@ -165,7 +171,8 @@ class Node:
                                   else ("console", "serial", "monitor", "qmp"))
         m.start_thread()
         if tcp_incoming:
-            self.incoming.start()
+            if tcp_incoming != "defer":
+                self.incoming.start()
         elif a.S:
             if snap is not None:
                 m.set_runstate("paused")
@@ -178,13 +185,15 @@ class Node:
     def _build(self, mem, tcp_incoming):
         """Create the parts and hand each only what it uses."""
         # an incoming listener binds first: a busy port fails before a VM is created
-        listener = Listener(tcp_incoming) if tcp_incoming else None
+        listener = None
+        if tcp_incoming and tcp_incoming != "defer":
+            listener = self._listen(tcp_incoming, None)
         self.machine = m = Machine(mem, self.name, on_event=self.emit_event)
         if self.nic_spec is not None:
             # before the guest exists anywhere: a NIC that cannot be set up stops the start
             self.nic_backend = TapBackend(self.nic_spec).open()
             m.attach_nic(self.nic_spec.mac or DEFAULT_MAC, self.nic_backend)
-        self.settings = MigrationSettings(colo_supported=colo_supported(m))
+        self.settings = MigrationSettings(colo_supported=colo_supported(m), objects=self.objects)
         verify = bool(getattr(self.args, "colo_verify", False))
         self.colo = Colo(m, self.settings, self.emit_event, serve=self._serve_from_thread,
                          migration_over=lambda: self.migration.colo_finished(), verify=verify)
@@ -193,14 +202,49 @@ class Node:
             on_colo=lambda ch: self.colo.run_primary(ch, Checkpointer(m, self.settings, verify)))
         self.settings.on_parameter_change = self._parameter_changed
         if listener is not None:
-            self.incoming = Incoming(m, self.settings, listener,
-                                     set_status=self.migration.set_incoming_status,
-                                     on_done=self._serve_from_thread,
-                                     on_colo=self.colo.run_secondary)
+            self._make_incoming(listener)
+        self.deferred_incoming = tcp_incoming == "defer"
         self.commands = Commands(m, self.settings, self.migration, self.colo,
                                  self.emit_event, self.request_quit, announce=self.announce_nic,
-                                 arbiter=self.arbiter)
+                                 migrate_incoming=self.migrate_incoming, arbiter=self.arbiter)
         self.hmp = Hmp(self.commands)
+
+    def _make_incoming(self, listener):
+        self.incoming = Incoming(self.machine, self.settings, listener,
+                                 set_status=self.migration.set_incoming_status,
+                                 on_done=self._serve_from_thread,
+                                 on_colo=self.colo.run_secondary)
+        if self.arbiter is not None:
+            self.arbiter.attach_incoming(self.incoming)
+
+    def _listen(self, uri, secure):
+        """The incoming listener, with the TLS hook (settings' tls-creds at the time it
+        is created: --incoming tcp: has none, migrate_incoming uses what was set)."""
+        host, port = parse_tcp_uri(uri, "--incoming")
+
+        def recorded(sock, peer):
+            sock, security = secure(sock, peer)
+            self.migration.channel_security = security     # for query-migrate
+            return sock, security
+        listener = Listener(uri, secure=recorded if secure is not None else None)
+        paths.warn_if_exposed(log, "--incoming", host, port, secure is not None)
+        return listener
+
+    def migrate_incoming(self, uri):
+        """migrate_incoming tcp:HOST:PORT on a node started with --incoming defer (QEMU):
+        the listener is created now, with the TLS parameters set meanwhile."""
+        if not self.deferred_incoming:
+            raise ColocoreError("'-incoming' was not specified on the command line"
+                                if self.incoming is None else
+                                "The incoming migration has already been started")
+        if not uri.startswith("tcp:"):
+            raise ColocoreError("migrate_incoming %r: use tcp:HOST:PORT" % uri)
+        secure = self.settings.server_secure("migrate_incoming %s" % uri)
+        self._make_incoming(self._listen(uri, secure))
+        self.deferred_incoming = False
+        self.incoming.start()
+        log.info("%s: listening for the incoming migration on %s%s", self.name, uri,
+                 " (TLS, %s)" % self.settings.parameters["tls-creds"] if secure else "")
 
     def announce_nic(self):
         """The guest's MAC may live on another port now: tell the network (QEMU does it
@@ -226,7 +270,8 @@ class Node:
         for what in which:
             if what not in self.specs or what in self.chardevs:
                 continue
-            cd = Chardev(self.specs[what], what, shared=(what in ("monitor", "qmp")))
+            cd = Chardev(self.specs[what], what, shared=(what in ("monitor", "qmp")),
+                         objects=self.objects)
             await cd.open(self.loop)
             self.chardevs[what] = cd
             if what == "console":

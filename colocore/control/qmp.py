@@ -14,26 +14,29 @@ after another. A client that floods us has its socket paused while the queue is 
 (QEMU: QMP_REQ_QUEUE_LEN_MAX); a client that vanishes mid-command loses only its answer.
 """
 import asyncio
+import collections
 import json
 import logging
 
 from colocore.control.commands import version_info
+from colocore.control.jsonframer import MAX_MESSAGE, JsonFramer
 from colocore.errors import ColocoreError, QmpError
-from colocore.migration.params import PARAMETERS
+from colocore.migration.params import PARAMETERS, TLS_PARAMETERS
 
 log = logging.getLogger("colocore.qmp")
 
-# One JSON message may not be bigger than this (QEMU limits token size and count too).
-MAX_MESSAGE = 1 << 20
-MAX_NESTING = 1024
-# Requests queued per client before its socket stops being read.
-QUEUE_MAX = 8
+# Raw input held per client before its socket stops being read, framed FRAME_STEP bytes
+# at a time; unfinished input of all clients together (past it, a client is dropped).
+INBOX_MAX = 64 << 10
+FRAME_STEP = 16 << 10
+TOTAL_MAX = 16 << 20
 
 
 # ---- argument checking in QEMU's words ----------------------------------------------
 
 _TYPES = {"str": (str, "string"), "int": (int, "integer"), "bool": (bool, "boolean"),
-          "list": (list, "array"), "dict": (dict, "object")}
+          "list": (list, "array"), "dict": (dict, "object"),
+          "strornull": ((str, type(None)), "string")}    # QEMU's StrOrNull (tls-creds)
 
 
 def _check_args(args, spec):
@@ -124,7 +127,8 @@ class QmpCommands:
             ops.migrate_set_capabilities(wanted)
             return {}
 
-        @self.command("migrate-set-parameters", **{n: ("int", False) for n in PARAMETERS})
+        @self.command("migrate-set-parameters", **{n: ("int", False) for n in PARAMETERS},
+                      **{n: ("strornull", False) for n in TLS_PARAMETERS})
         def _set_params(session, args):
             ops.migrate_set_parameters(args)
             return {}
@@ -141,6 +145,11 @@ class QmpCommands:
             fut.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
             return {}
 
+        @self.command("migrate-incoming", uri=("str", True))
+        def _migrate_incoming(session, args):
+            ops.migrate_incoming(args["uri"])
+            return {}
+
         @self.command("human-monitor-command", **{"command-line": ("str", True),
                                                     "cpu-index": ("int", False)})
         async def _hmp(session, args):
@@ -153,79 +162,6 @@ def _none_to_empty(value):
     return {} if value is None else value
 
 
-# ---- framing --------------------------------------------------------------------------
-
-class JsonFramer:
-    """Cut a byte stream into JSON texts by bracket depth (strings and escapes aware).
-
-    `feed(data)` returns a list of items: bytes (one JSON text, possibly malformed) or a
-    QmpError (the input broke a limit; the framer has skipped to the next newline)."""
-
-    def __init__(self, limit=MAX_MESSAGE):
-        self.limit = limit
-        self.buf = bytearray()
-        self.depth = 0
-        self.in_string = False
-        self.escape = False
-        self.skipping = False     # after an oversized message: drop input up to a newline
-
-    def feed(self, data):
-        out = []
-        for b in data:
-            if self.skipping:
-                if b == 0x0a:
-                    self.skipping = False
-                continue
-            if self.depth == 0 and not self.in_string:
-                if b in b" \t\r\n":
-                    if self.buf:                    # a bare scalar ended
-                        out.append(bytes(self.buf))
-                        self.buf.clear()
-                    continue
-                if b == 0xff:                       # QEMU: 0xff resets the parser
-                    self.buf.clear()
-                    continue
-                if b in b"}]":
-                    self.buf.append(b)
-                    out.append(bytes(self.buf))
-                    self.buf.clear()
-                    continue
-                if b in b"{[" and self.buf:
-                    out.append(bytes(self.buf))
-                    self.buf.clear()
-            self.buf.append(b)
-            if self.in_string:
-                if self.escape:
-                    self.escape = False
-                elif b == 0x5c:
-                    self.escape = True
-                elif b == 0x22:
-                    self.in_string = False
-            elif b == 0x22:
-                self.in_string = True
-            elif b in b"{[":
-                self.depth += 1
-                if self.depth > MAX_NESTING:
-                    out.append(self._overflow("JSON nesting depth limit exceeded"))
-                    continue
-            elif b in b"}]":
-                self.depth -= 1
-                if self.depth == 0:
-                    out.append(bytes(self.buf))
-                    self.buf.clear()
-            if len(self.buf) > self.limit:
-                out.append(self._overflow("JSON message exceeds the size limit of %d bytes"
-                                          % self.limit))
-        return out
-
-    def _overflow(self, why):
-        self.buf.clear()
-        self.depth = 0
-        self.in_string = self.escape = False
-        self.skipping = True
-        return QmpError(why)
-
-
 # ---- sessions ---------------------------------------------------------------------------
 
 def _encode(msg):
@@ -233,15 +169,28 @@ def _encode(msg):
 
 
 class QmpSession:
+    """One client. Its input is held as raw bytes (`inbox`) and framed a slice at a time
+    by the session's task, so what a client can make the node hold is bounded in bytes,
+    never in a count of parsed messages: the socket stops being read while the inbox is
+    over INBOX_MAX, an unfinished message may not pass MAX_MESSAGE, and all clients
+    together may not hold more than TOTAL_MAX (the client that would pass it is told so
+    and disconnected)."""
+
     def __init__(self, server, client):
         self.server = server
         self.client = client
         self.framer = JsonFramer()
         self.negotiated = False
-        self.queue = asyncio.Queue()
+        self.inbox = bytearray()
+        self.items = collections.deque()
+        self.wake = asyncio.Event()
         self.paused = False
         self.closed = False
         self.task = asyncio.ensure_future(self._run())
+
+    @property
+    def held(self):
+        return len(self.inbox) + self.framer.pending
 
     def send(self, msg):
         if not self.closed:
@@ -251,33 +200,57 @@ class QmpSession:
         self.send({"QMP": {"version": version_info(), "capabilities": []}})
 
     def feed(self, data):
-        for item in self.framer.feed(data):
-            self.queue.put_nowait(item)
+        if self.closed:
+            return
+        self.inbox += data
+        if self.server.held() > TOTAL_MAX:
+            log.warning("QMP: clients hold more than %d bytes of unfinished input; "
+                        "disconnecting the one that sent the last %d", TOTAL_MAX, len(data))
+            self.send(_error(QmpError("the node's QMP input buffers are full; send complete "
+                                      "messages (at most %d bytes each)" % MAX_MESSAGE)))
+            self.abort()
+            return
         t = getattr(self.client, "transport", None)
-        if t is not None and self.queue.qsize() >= QUEUE_MAX and not self.paused:
+        if t is not None and len(self.inbox) > INBOX_MAX and not self.paused:
             # flow control: stop reading until the backlog is worked off
             self.paused = True
             t.pause_reading()
+        self.wake.set()
 
-    def _maybe_resume(self):
-        if self.paused and self.queue.qsize() < QUEUE_MAX // 2:
-            self.paused = False
-            t = getattr(self.client, "transport", None)
-            if t is not None and not t.is_closing():
-                t.resume_reading()
+    def _next_item(self):
+        """The next framed item, framing at most FRAME_STEP more bytes; None if none."""
+        while not self.items and self.inbox:
+            step = bytes(self.inbox[:FRAME_STEP])
+            del self.inbox[:FRAME_STEP]
+            self.items.extend(self.framer.feed(step))
+            if self.paused and len(self.inbox) < INBOX_MAX // 2:
+                self.paused = False
+                t = getattr(self.client, "transport", None)
+                if t is not None and not t.is_closing():
+                    t.resume_reading()
+        return self.items.popleft() if self.items else None
 
     async def _run(self):
+        burst = 0
         while not self.closed:
-            item = await self.queue.get()
+            item = self._next_item()
             if item is None:
-                return
-            self._maybe_resume()
-            if isinstance(item, QmpError):
-                self.send({"error": {"class": item.error_class, "desc": item.desc}})
+                self.wake.clear()
+                await self.wake.wait()
                 continue
-            reply = await self.handle(item)
+            if isinstance(item, QmpError):
+                self.send(_error(item))
+                continue
+            try:
+                reply = await self.handle(item)
+            except Exception as exc:  # noqa: BLE001 - one bad message never ends a session
+                log.exception("QMP: handling a message failed")
+                reply = _error(QmpError("internal error: %s" % exc))
             if reply is not None:
                 self.send(reply)
+            burst += 1
+            if burst % 64 == 0:
+                await asyncio.sleep(0)    # many queued messages: let the loop breathe
 
     async def handle(self, raw):
         try:
@@ -286,6 +259,9 @@ class QmpSession:
             return _error(QmpError("JSON parse error, invalid UTF-8 sequence in string"))
         except json.JSONDecodeError as exc:
             return _error(QmpError("JSON parse error, %s" % exc.msg))
+        except RecursionError:
+            # nesting the framer allows (QEMU's 1024) but Python's parser does not
+            return _error(QmpError("JSON nesting depth limit exceeded"))
         if not isinstance(msg, dict):
             return _error(QmpError("QMP input must be a JSON object"))
         has_id = "id" in msg
@@ -333,9 +309,15 @@ class QmpSession:
     def close(self):
         # A command already running finishes (its answer is dropped); the rest is not run.
         self.closed = True
-        while not self.queue.empty():
-            self.queue.get_nowait()
-        self.queue.put_nowait(None)
+        self.inbox.clear()
+        self.items.clear()
+        self.wake.set()
+
+    def abort(self):
+        self.close()
+        t = getattr(self.client, "transport", None)
+        if t is not None:
+            t.abort()
 
 
 def _error(exc):
@@ -359,6 +341,9 @@ class QmpServer:
         if name == "qmp_capabilities":
             session.negotiated = True
         return result
+
+    def held(self):
+        return sum(s.held for s in self.sessions.values())
 
     def broadcast(self, name, data, stamp):
         seconds = int(stamp)

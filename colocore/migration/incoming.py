@@ -225,10 +225,15 @@ class Incoming:
             self.settings.capabilities["x-colo"] = True
             self.settings.capabilities["x-colo-hybrid"] = bool(
                 info.get("capabilities", {}).get("x-colo-hybrid"))
-            # a secondary that takes over protects itself the way its primary did
-            for name, value in (info.get("parameters") or {}).items():
-                if name in self.settings.parameters and name != "x-colo-heartbeat":
-                    self.settings.parameters[name] = int(value)
+            # a secondary that takes over protects itself the way its primary did: the
+            # same checkpoint delay and compression (checked like an operator's values)
+            delay = (info.get("parameters") or {}).get("x-checkpoint-delay")
+            if delay is not None:
+                try:
+                    self.settings.set_parameter(
+                        "x-checkpoint-delay", self.settings.check_parameter("x-checkpoint-delay", delay))
+                except ColocoreError:
+                    pass
             if (info.get("capabilities") or {}).get("compress"):
                 self.settings.capabilities["compress"] = True
 

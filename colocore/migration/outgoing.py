@@ -62,6 +62,7 @@ class Migration:
         self.channel = None
         self.rounds = 0
         self.cancel_requested = threading.Event()
+        self.channel_security = None     # tls.Security of the last channel (query-migrate)
         self.reset_figures()
 
     def reset_figures(self):
@@ -97,13 +98,15 @@ class Migration:
         kind, sep, target = uri.partition(":")
         if kind == "tcp":
             parse_tcp_uri(uri)
-            work = lambda: self._to_tcp(uri)  # noqa: E731
+            secure = self.settings.client_secure()     # a bad tls-creds is refused at once
+            work = lambda: self._to_tcp(uri, secure)  # noqa: E731
         elif kind == "file" and target:
             work = lambda: self._to_file(target)  # noqa: E731
         else:
             raise ColocoreError("migrate: unsupported URI %r; use tcp:HOST:PORT or file:PATH" % uri)
         self.cancel_requested.clear()
         self.error = None
+        self.channel_security = None
         self.reset_figures()
         self.start_time = time.monotonic()
         self.set_status("setup")
@@ -158,7 +161,8 @@ class Migration:
     def _to_file(self, path):
         m = self.machine
         t0 = time.monotonic()
-        was_running = m.runstate == "running"
+        before = m.runstate
+        was_running = before == "running"
         self.setup_ms = (time.monotonic() - t0) * 1000
         self.set_status("active")
         if was_running:
@@ -170,7 +174,7 @@ class Migration:
             self.transferred, self.pages = snapshot.save(m, path)
         except Exception:
             # the guest goes on as it was: a failed save loses nothing
-            m.set_runstate("paused")
+            m.set_runstate("postmigrate" if before == "postmigrate" else "paused")
             if was_running:
                 m.resume()
             raise
@@ -225,15 +229,16 @@ class Migration:
         self.pages += sent
         return sent
 
-    def _to_tcp(self, uri):
+    def _to_tcp(self, uri, secure=None):
         m = self.machine
         caps = dict(self.settings.capabilities)
         params = dict(self.settings.parameters)
         colo = caps.get("x-colo", False)
         compress = caps.get("compress", False)
         limit = params["max-bandwidth"]
-        ch = Channel.connect(uri)
+        ch = Channel.connect(uri, secure=secure)
         self.channel = ch
+        self.channel_security = ch.security
         t_setup = time.monotonic()
         self.setup_ms = (t_setup - self.start_time) * 1000
         try:
@@ -241,8 +246,10 @@ class Migration:
             ch.set_timeout(self.stall_timeout)
             ch.send(stream.header())
             w = units.UnitWriter(ch.send)
-            info = dict(m.machine_info(), **{"x-colo": colo, "capabilities": caps,
-                                             "parameters": params})
+            info = dict(m.machine_info(), **{
+                "x-colo": colo, "capabilities": caps,
+                # what a secondary that takes over protects itself with
+                "parameters": {"x-checkpoint-delay": params["x-checkpoint-delay"]}})
             if colo and self.colo_info is not None:
                 info["arbiter"] = self.colo_info()
             w.json(Section.MACHINE, info)

@@ -1,4 +1,5 @@
 """Migration capabilities and parameters, in QEMU's names, order and units."""
+from colocore import tls
 from colocore.errors import ColocoreError
 
 # The order QEMU 7.2's `info migrate_capabilities` prints; colocore lists the ones it
@@ -13,8 +14,10 @@ PARAMETERS = {
     "x-checkpoint-delay": (200, "ms", 0, 1 << 31),
     "x-colo-heartbeat": (0, "ms", 0, 1 << 31),
 }
+# QEMU's string parameters of the channel's TLS (QEMU prints them quoted: tls-creds: '')
+TLS_PARAMETERS = ("tls-creds", "tls-hostname", "tls-authz")
 PARAMETER_ORDER = ("downtime-limit", "max-bandwidth", "xbzrle-cache-size",
-                   "x-checkpoint-delay", "x-colo-heartbeat")
+                   "x-checkpoint-delay", "x-colo-heartbeat") + TLS_PARAMETERS
 
 
 def parse_size(text):
@@ -32,10 +35,12 @@ def parse_size(text):
 class MigrationSettings:
     """Capabilities and parameters of one node (changed from the control thread)."""
 
-    def __init__(self, colo_supported):
+    def __init__(self, colo_supported, objects=None):
         self.colo_supported = colo_supported
+        self.objects = objects if objects is not None else tls.Objects()
         self.capabilities = {name: False for name in self.capability_names()}
         self.parameters = {name: spec[0] for name, spec in PARAMETERS.items()}
+        self.parameters.update({name: "" for name in TLS_PARAMETERS})
         self.on_parameter_change = lambda name, value: None
 
     def capability_names(self):
@@ -55,6 +60,8 @@ class MigrationSettings:
 
     def check_parameter(self, name, value):
         """The value `name` would take, or a ColocoreError saying why not. Changes nothing."""
+        if name in TLS_PARAMETERS:
+            return self._check_tls_parameter(name, value)
         if name not in PARAMETERS:
             raise ColocoreError("Parameter '%s' not found; known: %s"
                                 % (name, ", ".join(PARAMETER_ORDER)))
@@ -75,3 +82,37 @@ class MigrationSettings:
         v = self.check_parameter(name, value)
         self.parameters[name] = v
         self.on_parameter_change(name, v)
+
+    def _check_tls_parameter(self, name, value):
+        v = "" if value is None else value
+        if not isinstance(v, str):
+            raise ColocoreError("Parameter '%s' expects a string, got %r" % (name, value))
+        if v and name == "tls-creds":
+            self.objects.creds(v, None, "Parameter 'tls-creds'")
+        if v and name == "tls-authz":
+            self.objects.authz(v, "Parameter 'tls-authz'")
+        return v
+
+    # ---- the TLS hooks of the channel (migration/transport.py) ------------------------
+
+    def client_secure(self):
+        """The outgoing channel's TLS wrap, or None without tls-creds."""
+        creds_id = self.parameters["tls-creds"]
+        if not creds_id:
+            return None
+        creds = self.objects.creds(creds_id, "client", "migrate")
+        name = self.parameters["tls-hostname"]
+        return lambda sock, host: tls.client_wrap(sock, creds, name or host, "migrate")
+
+    def server_secure(self, what):
+        """The incoming listener's TLS wrap, or None without tls-creds."""
+        creds_id = self.parameters["tls-creds"]
+        if not creds_id:
+            return None
+        creds = self.objects.creds(creds_id, "server", what)
+        authz_id = self.parameters["tls-authz"]
+        authz = self.objects.authz(authz_id, what) if authz_id else None
+        if authz is not None and not creds.verify_peer:
+            raise ColocoreError("%s: tls-authz needs client certificates: create %s with "
+                                "verify-peer=on" % (what, creds_id))
+        return lambda sock, peer: tls.server_wrap(sock, creds, authz, peer, what)

@@ -13,6 +13,8 @@ import threading
 import time
 
 from colocore.errors import ColocoreError, StreamError
+from colocore.paths import parse_host_port
+from colocore.tls import PLAIN, TlsRefused
 from colocore.vmstate import format as stream
 
 U32 = struct.Struct(">I")
@@ -52,17 +54,18 @@ class PeerTookOver(PeerLost):
 
 
 def parse_tcp_uri(uri, what="migrate"):
+    """tcp:HOST:PORT -> (host, port); the address rule is paths.parse_host_port's (an
+    empty host is loopback, for listeners and connections alike)."""
     kind, sep, rest = uri.partition(":")
     if kind != "tcp" or not sep:
         raise ColocoreError("%s: unsupported URI %r; use tcp:HOST:PORT or file:PATH" % (what, uri))
-    host, sep, port = rest.rpartition(":")
     try:
-        port_no = int(port)
-    except ValueError:
+        host, port_no = parse_host_port(rest, what)
+    except ColocoreError:
         port_no = -1
-    if not sep or not 0 < port_no < 65536:
+    if not 0 < port_no < 65536:
         raise ColocoreError("%s: bad address %r; use tcp:HOST:PORT" % (what, uri))
-    return host or "127.0.0.1", port_no
+    return host, port_no
 
 
 def _tune(sock):
@@ -76,9 +79,13 @@ def _tune(sock):
 
 
 class Channel:
-    def __init__(self, sock, peer):
+    def __init__(self, sock, peer, security=PLAIN, secure_first=None):
         self.sock = sock
         self.peer = peer
+        self.security = security            # tls.Security: who is at the other end
+        # an accepted connection's TLS handshake, run by the first read or send: on the
+        # connection's own thread, so a silent client never holds the accept loop
+        self._secure_first = secure_first
         self.send_lock = threading.Lock()   # the return path may be written by two threads
         self.bytes_sent = 0
         self.closed = False
@@ -88,7 +95,8 @@ class Channel:
         self.reader = stream.Reader(self._read_exact, "migration stream from %s" % peer)
 
     @classmethod
-    def connect(cls, uri, timeout=5.0):
+    def connect(cls, uri, timeout=5.0, secure=None):
+        """secure(sock, host) -> (sock, Security): the TLS hook (tls.client_wrap)."""
         host, port = parse_tcp_uri(uri)
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
@@ -96,12 +104,28 @@ class Channel:
             raise ColocoreError("cannot reach %s: %s; is the secondary running with "
                                 "--incoming %s?" % (uri, exc.strerror or exc, uri)) from None
         _tune(sock)
+        security = PLAIN
+        if secure is not None:
+            sock, security = secure(sock, host)
         sock.settimeout(None)
-        return cls(sock, uri)
+        return cls(sock, uri, security)
 
     # ---- sending -----------------------------------------------------------------
 
+    def _handshake(self):
+        """TLS on an accepted connection, before its first byte is read or written. A
+        refused peer (logged by tls.server_wrap) ends here as a PeerLost."""
+        secure, self._secure_first = self._secure_first, None
+        try:
+            self.sock, self.security = secure(self.sock, self.peer)
+        except TlsRefused as exc:
+            self.closed = True
+            raise PeerLost("refused %s" % exc) from None
+        self._timeout = self.sock.gettimeout()
+
     def send(self, *buffers):
+        if self._secure_first is not None:
+            self._handshake()
         if self.closed:
             raise PeerLost("the channel to %s is closed" % self.peer, closed=False)
         with self.send_lock:
@@ -162,6 +186,8 @@ class Channel:
             self.sock.settimeout(self._timeout)
 
     def _read_exact(self, n, timeout=None):
+        if self._secure_first is not None:
+            self._handshake()
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
@@ -282,9 +308,12 @@ class Listener:
     """--incoming tcp:HOST:PORT: listens at start-up; migration/incoming.py decides which
     of the connections it accepts becomes the one migration."""
 
-    def __init__(self, uri):
+    def __init__(self, uri, secure=None):
         host, port = parse_tcp_uri(uri, "--incoming")
         self.uri = uri
+        # secure(sock, peer) -> (sock, Security), or TlsRefused: the TLS hook
+        # (tls.server_wrap); a refused peer has been logged and closed, and gets nothing
+        self.secure = secure
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -299,7 +328,7 @@ class Listener:
     def accept(self):
         sock, addr = self.sock.accept()
         _tune(sock)
-        return Channel(sock, "%s:%d" % addr[:2])
+        return Channel(sock, "%s:%d" % addr[:2], secure_first=self.secure)
 
     def close(self):
         try:

@@ -2,15 +2,13 @@
 etcd-server 3.4).
 
 The server runs as a child process stopped again by its pid (`stop()`, also on failure),
-dies with its parent (PR_SET_PDEATHSIG) and keeps its data in a directory the caller
-owns. With a network-namespace prefix (`Lab.exec_prefix(host)`) it serves that test host's
+dies with its parent (procs.spawn) and keeps its data in a directory the caller owns. With a network-namespace prefix (`Lab.exec_prefix(host)`) it serves that test host's
 address only; without one, a free loopback port. Nothing outside is touched.
 
 Raft timing is shortened (10 ms heartbeat, 100 ms election): etcd's smallest lease is
 1.5 election timeouts rounded up to a second, so these settings allow ttl=1000 in tests;
 a production etcd with its defaults grants at least 2 s.
 """
-import ctypes
 import os
 import shutil
 import signal
@@ -20,7 +18,7 @@ import time
 import requests
 
 from colocore.errors import ColocoreError
-from colocore.tools.procs import free_port
+from colocore.tools.procs import free_port, spawn
 
 INSTALL_HINT = "etcd is not installed: apt-get install etcd-server (as root; make test does it)"
 
@@ -30,12 +28,6 @@ def etcd_binary():
     if path is None:
         raise ColocoreError(INSTALL_HINT)
     return path
-
-
-def die_with_parent():
-    """preexec_fn: the child gets SIGKILL when the process that started it dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)           # PR_SET_PDEATHSIG
 
 
 class EtcdServer:
@@ -68,8 +60,7 @@ class EtcdServer:
                 "--heartbeat-interval", "10", "--election-timeout", "100",
                 "--log-level", "warn", "--logger", "zap"]
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        self.proc = spawn(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         self.wait_ready(timeout)
         return self

@@ -1,6 +1,7 @@
 """The one client load of the tools: a thread that writes keys to a kvstore guest's console
 and remembers which writes were acknowledged (the demo, the failover benchmark and the
 console's --demo all use it)."""
+import socket
 import threading
 import time
 
@@ -33,6 +34,7 @@ class KeyWriter(threading.Thread):
         self.last = None
         self.error = None
         self.stop_flag = threading.Event()
+        self._trying = None
         self._kv = None if reconnect else KvClient(self.consoles[0], timeout=timeout)
 
     def run(self):
@@ -67,15 +69,20 @@ class KeyWriter(threading.Thread):
 
     def _connect(self):
         for address in self.consoles:
+            if self.stop_flag.is_set():
+                return None
             try:
                 kv = KvClient(address, timeout=5.0)
             except (OSError, ColocoreError):
                 continue
+            self._trying = kv          # stop() can interrupt its wait
             try:
                 kv.wait_ready(timeout=2.0)
                 return kv
             except (OSError, ColocoreError):
                 kv.close()
+            finally:
+                self._trying = None
         return None
 
     def wait_acked(self, n, timeout=30.0):
@@ -90,9 +97,17 @@ class KeyWriter(threading.Thread):
             time.sleep(0.01)
 
     def stop(self):
+        """Stop at once: a request blocked on a console that no longer answers (a primary
+        whose guest was stopped by a takeover answers nothing until the 10 s timeout; `q`
+        in the console took seconds because of it) is woken by shutting its socket."""
         self.stop_flag.set()
-        kv = self._kv
-        if kv is not None and not self.reconnect:
-            kv.close()          # wakes a pipeline blocked on a dead primary
+        for kv in (self._kv, self._trying):
+            if kv is not None:
+                try:
+                    kv.sock.shutdown(socket.SHUT_RDWR)     # wakes a blocked recv; close does not
+                except OSError:
+                    pass
         if self.is_alive():
             self.join(10)
+        if self._kv is not None and not self.reconnect:
+            self._kv.close()

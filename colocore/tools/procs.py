@@ -1,20 +1,84 @@
 """Start and stop node processes (demo, script mode, tests, benchmarks).
 
 Every process started here is stopped again by `stop()` or `NodeSet.close()`, by pid,
-also when the caller fails half-way. Each node gets an HMP monitor, a QMP socket and a
-console socket in the work directory; tools read a node's state as QMP data.
+also when the caller fails half-way, and dies with the process that started it however
+that one dies (SIGKILL included): see `spawn()`. Each node gets an HMP monitor, a QMP
+socket and a console socket in the work directory; tools read a node's state as QMP data.
 """
+import ctypes
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from colocore.clients.hmp import MonitorClient
 from colocore.clients.qmp import QmpClient
 from colocore.errors import ColocoreError
+
+
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with_parent(parent_pid):
+    """preexec_fn: the child gets SIGKILL when its parent dies. Set in the child between
+    fork and exec (it survives exec); if the parent died before prctl took effect, the
+    child is already an orphan (its parent pid changed) and kills itself."""
+    def preexec():
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return preexec
+
+
+class _Spawner(threading.Thread):
+    """PR_SET_PDEATHSIG fires when the THREAD that forked the child ends, not the
+    process: a node started from a worker thread (the console's demo starts its pair in
+    one) would be killed as soon as that worker returned. So every child is forked by
+    this one thread, which lives exactly as long as the process."""
+
+    def __init__(self):
+        super().__init__(name="procs-spawner", daemon=True)
+        self.requests = queue.Queue()
+        self.start()
+
+    def run(self):
+        while True:
+            argv, kwargs, done = self.requests.get()
+            try:
+                done.append(subprocess.Popen(argv, preexec_fn=_die_with_parent(os.getpid()),
+                                             **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                done.append(exc)
+            finally:
+                with _spawn_lock:
+                    _spawn_cond.notify_all()
+
+
+_spawn_lock = threading.Lock()
+_spawn_cond = threading.Condition(_spawn_lock)
+_spawner = None
+
+
+def spawn(argv, **kwargs):
+    """subprocess.Popen(argv, **kwargs) for a child that dies with this process."""
+    global _spawner
+    with _spawn_lock:
+        if _spawner is None or not _spawner.is_alive():
+            _spawner = _Spawner()
+        done = []
+        _spawner.requests.put((argv, kwargs, done))
+        while not done:
+            _spawn_cond.wait()
+    result = done[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def qmp_path(workdir, name):
@@ -34,15 +98,15 @@ class NodeProcess:
                 "--monitor", "unix:%s,server=on,wait=off" % self.monitor_path,
                 "--console", "unix:%s,server=on,wait=off" % self.console_path] + list(run_args)
         self.qmp_path = qmp_path(workdir, name)
-        argv += ["--qmp", "unix:%s,server=on,wait=off" % self.qmp_path]
+        if "--qmp" not in run_args:          # a caller's own --qmp (e.g. tcp with TLS) wins
+            argv += ["--qmp", "unix:%s,server=on,wait=off" % self.qmp_path]
         self.logf = open(self.log_path, "ab")
         full_env = None
         if env:
             full_env = dict(os.environ)
             full_env.update(env)
-        self.proc = subprocess.Popen(argv, stdout=self.logf, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                     env=full_env)
+        self.proc = spawn(argv, stdout=self.logf, stderr=subprocess.STDOUT,
+                          stdin=subprocess.DEVNULL, start_new_session=True, env=full_env)
         self.pid = self.proc.pid
         self.monitor = None
         self._qmp = None

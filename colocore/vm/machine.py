@@ -36,7 +36,7 @@ RUNSTATES = {
                 "finish-migrate"},
     "finish-migrate": {"postmigrate", "running", "paused", "colo"},
     "paused": {"running", "postmigrate", "shutdown", "finish-migrate"},
-    "postmigrate": {"running", "paused", "shutdown"},
+    "postmigrate": {"running", "paused", "shutdown", "finish-migrate"},   # QEMU: migrate again
     "colo": {"running", "shutdown", "paused"},
     "guest-panicked": {"shutdown", "paused"},
     "internal-error": {"shutdown", "paused"},

@@ -7,6 +7,7 @@ corrupted or foreign file changes nothing.
 """
 import os
 
+from colocore import paths
 from colocore.errors import ColocoreError, StreamError
 from colocore.vmstate import format as stream, unit as units
 from colocore.vmstate.format import Section
@@ -14,11 +15,14 @@ from colocore.vmstate.sections import BATCH_PAGES, PAGE
 
 
 def save(machine, path, compress=True):
-    """Write the parked machine to `path` (atomically: a temporary, then a rename).
-    Returns (bytes written, non-zero pages)."""
-    tmp = path + ".part"
+    """Write the parked machine to `path`: a private temporary beside it (O_EXCL,
+    O_NOFOLLOW, 0600), then a rename; a target that exists and is not a regular file (a
+    symlink, a device, a directory) is refused (colocore/paths.py). Returns (bytes
+    written, non-zero pages)."""
+    what = "migrate file:"
+    f, tmp = paths.open_private_temp(path, what)
     try:
-        with open(tmp, "wb") as f:
+        with f:
             f.write(stream.header())
             w = units.UnitWriter(f.write)
             w.json(Section.MACHINE, machine.machine_info())
@@ -29,13 +33,13 @@ def save(machine, path, compress=True):
             w.end()
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        paths.commit_temp(tmp, path, what)
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        paths.discard_temp(tmp)
         raise ColocoreError("cannot write %s: %s" % (path, exc.strerror or exc)) from None
+    except BaseException:
+        paths.discard_temp(tmp)
+        raise
     return w.bytes + stream.HEADER.size, npages
 
 

@@ -61,6 +61,9 @@ class NodePanel(Static):
         if view.peer not in ("?", ""):
             failover.append("  peer %s" % view.peer, style="dim")
         grid.add_row("failover", failover)
+        if view.channel:
+            secure = view.channel.startswith("tls") and "authenticated as" in view.channel
+            grid.add_row("channel", _value(view.channel, stale or ("green" if secure else "yellow")))
         if view.arbiter:
             state = view.arbiter.split(",")[0]
             grid.add_row("arbiter", _value(view.arbiter, stale or (

@@ -46,7 +46,12 @@ def _alive(pid):
 
 def test_checkpoint_quick():
     rows = _bench("checkpoint", "--quick")
-    assert {(r["wss"], r["delay_ms"]) for r in rows} == {(0, 200), (0, 25), (1000, 200), (1000, 25)}
+    assert {(r["wss"], r["delay_ms"], r["tls"]) for r in rows} == {
+        (0, 200, False), (0, 25, False), (1000, 200, False), (1000, 25, False),
+        (1000, 200, True), (1000, 25, True)}
+    for r in rows:
+        if r["tls"]:       # what TLS costs, against the plain pair of the same run
+            assert r["tls_latency_vs_plain"] > 0 and r["tls_pause_vs_plain"] > 0
     for r in rows:
         for key in ("wss", "delay_ms", "pause_ms_p50", "pause_ms_p99", "memcpy_ms",
                     "progress_ratio", "bytes_per_checkpoint"):

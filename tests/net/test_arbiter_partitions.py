@@ -15,6 +15,7 @@ import pytest
 
 from colocore.tools.etcd import EtcdServer
 from colocore.tools.netlab import Lab
+from colocore.tools.procs import spawn
 
 pytestmark = pytest.mark.etcd
 
@@ -27,8 +28,8 @@ class Probe:
         argv = [*lab.exec_prefix(host), sys.executable, PROBE, spec, name, mode]
         if pair:
             argv.append(pair)
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     cwd=os.path.dirname(os.path.dirname(os.path.dirname(PROBE))))
+        self.proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(PROBE))))
         self.events = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()

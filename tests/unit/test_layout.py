@@ -7,7 +7,10 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PKG = os.path.join(ROOT, "colocore")
 
-# package -> the colocore packages it may import (besides itself and colocore.errors)
+# Top-level modules every package may import: the operator's errors, and the rules for
+# what a node trusts (colocore/tls.py) and where it listens and writes (colocore/paths.py).
+SHARED = ("errors", "tls", "paths")
+# package -> the colocore packages it may import (besides itself and SHARED)
 ALLOWED = {
     "guests": set(),          # the built guest images (package data)
     "vm": set(),
@@ -54,7 +57,7 @@ def test_packages_import_only_what_lies_below():
             parts = name.split(".")
             if parts[0] == "colocore_tui" or (parts[0] == "textual" and pkg in ENGINE):
                 bad.append("%s imports %s" % (os.path.relpath(path, ROOT), name))
-            if parts[0] != "colocore" or len(parts) < 2 or parts[1] in ("errors", pkg):
+            if parts[0] != "colocore" or len(parts) < 2 or parts[1] in SHARED + (pkg,):
                 continue
             if parts[1] not in ALLOWED[pkg]:
                 bad.append("%s imports %s" % (os.path.relpath(path, ROOT), name))

@@ -15,12 +15,14 @@ import json
 import os
 import socket
 import statistics
+import tempfile
 import threading
 import time
 
 from colocore.clients import connect
 from colocore.errors import ColocoreError
 from colocore.tools.bench.common import memcpy_ms, say
+from colocore.tools.pki import make_pki
 from colocore.tools.procs import NodeSet, free_port, protect, wait_until
 from colocore.tools.stats import percentile
 
@@ -114,101 +116,162 @@ def _unprotected_window(console, seconds):
     return console.rate(a, b)
 
 
-def _checkpoint_one_wss(wss, delays, window_s, base_s, cycles, mem, capabilities):
+def _start_pair(nodes, wss, mem, stats, tls_dirs):
+    """A secondary waiting on loopback and a dirtier primary; with tls_dirs (a PKI from
+    tools/pki.py) the channel is TLS with mutual authentication, as an operator sets it
+    up: --incoming defer, tls-creds, then migrate-incoming."""
+    uri = "tcp:127.0.0.1:%d" % free_port()
+    pri_args = ["--kernel", "dirtier", "--append", "wss=%d" % wss, "-m", mem, "--stats-file", stats]
+    if tls_dirs is None:
+        sec = nodes.start("secondary", ["-m", mem, "--incoming", uri])
+        pri = nodes.start("primary", pri_args)
+        sec.wait_monitor()
+        pri.wait_monitor()
+        return sec, pri, uri
+    sec = nodes.start("secondary", ["-m", mem, "--incoming", "defer", "--object",
+                                    "tls-creds-x509,id=tls0,dir=%s,endpoint=server" % tls_dirs["server"]])
+    pri = nodes.start("primary", pri_args + ["--object", "tls-creds-x509,id=tls0,dir=%s,endpoint=client"
+                                             % tls_dirs["client"]])
+    sec.qmp("migrate-set-parameters", {"tls-creds": "tls0"})
+    sec.qmp("migrate-incoming", {"uri": uri})
+    pri.qmp("migrate-set-parameters", {"tls-creds": "tls0"})
+    return sec, pri, uri
+
+
+def _checkpoint_one_wss(wss, delays, window_s, base_s, cycles, mem, capabilities, tls_modes,
+                        pki_dir):
     """Cycles of U P200 P25 U, where U is unprotected and P protected at one delay: a
     fresh pair per cycle, the primary failing over at the end of it, so unprotected and
     protected windows of the same guest alternate and share the machine's noise. (One
-    guest cannot be protected twice yet: see docs/benchmarks.md.)"""
-    base_rates = []
-    protected = {d: [] for d in delays}        # delay -> [passes/s per window]
-    checkpoints = {d: [] for d in delays}
+    guest cannot be protected twice yet: see docs/benchmarks.md.) Within a cycle, a plain
+    and a TLS pair take turns (tls_modes), so the cost of TLS is measured in the same run."""
+    base_rates = {t: [] for t in tls_modes}
+    protected = {(t, d): [] for t in tls_modes for d in delays}   # passes/s per window
+    checkpoints = {(t, d): [] for t in tls_modes for d in delays}
+    tls_dirs = make_pki(pki_dir) if True in tls_modes else None
     for cycle in range(cycles):
-        with NodeSet() as nodes:
-            stats = os.path.join(nodes.workdir, "checkpoints.jsonl")
-            uri = "tcp:127.0.0.1:%d" % free_port()
-            sec = nodes.start("secondary", ["-m", mem, "--incoming", uri])
-            pri = nodes.start("primary", ["--kernel", "dirtier", "--append", "wss=%d" % wss,
-                                          "-m", mem, "--stats-file", stats])
-            sec.wait_monitor()
-            pri.wait_monitor()
-            console = ConsoleLines(pri.console)
-            try:
-                console.wait_past(time.monotonic_ns())          # the guest runs
-                time.sleep(0.3)
-                say("checkpoint: wss=%d (cycle %d/%d): unprotected %.0f s", wss, cycle + 1,
-                    cycles, base_s)
-                base_rates.append(_unprotected_window(console, base_s))
-                protect(pri, uri, delays[0], capabilities, timeout=120)
-                for n, delay in enumerate(delays):
-                    if n:
-                        pri.qmp("migrate-set-parameters", {"x-checkpoint-delay": delay})
-                    time.sleep(max(0.5, 3 * delay / 1000.0))     # settle on the new rate
-                    say("checkpoint: wss=%d delay=%d ms: protected %.0f s", wss, delay, window_s)
-                    a, a_wall = time.monotonic_ns(), time.time()
-                    time.sleep(window_s)
-                    b, b_wall = time.monotonic_ns(), time.time()
-                    console.wait_past(b)
-                    protected[delay].append(console.rate(a, b))
-                    checkpoints[delay] += read_stats(stats, a_wall, b_wall)
-                say("checkpoint: wss=%d: failover on the primary, unprotected %.0f s", wss, base_s)
-                pri.qmp("x-colo-lost-heartbeat")
-                wait_until(pri, "query-colo-status", lambda d: d["mode"] == "none", "COLO's end")
-                sec.stop()
-                time.sleep(0.3)
-                base_rates.append(_unprotected_window(console, base_s))
-            finally:
-                console.close()
+        for tls in tls_modes:
+            _one_cycle(wss, delays, window_s, base_s, cycle, cycles, mem, capabilities,
+                       tls_dirs if tls else None, base_rates[tls],
+                       {d: protected[(tls, d)] for d in delays},
+                       {d: checkpoints[(tls, d)] for d in delays})
     return base_rates, protected, checkpoints
 
 
+def _one_cycle(wss, delays, window_s, base_s, cycle, cycles, mem, capabilities, tls_dirs,
+               base_rates, protected, checkpoints):
+    label = "wss=%d%s" % (wss, " tls" if tls_dirs else "")
+    with NodeSet() as nodes:
+        stats = os.path.join(nodes.workdir, "checkpoints.jsonl")
+        sec, pri, uri = _start_pair(nodes, wss, mem, stats, tls_dirs)
+        console = ConsoleLines(pri.console)
+        try:
+            console.wait_past(time.monotonic_ns())          # the guest runs
+            time.sleep(0.3)
+            say("checkpoint: %s (cycle %d/%d): unprotected %.0f s", label, cycle + 1,
+                cycles, base_s)
+            base_rates.append(_unprotected_window(console, base_s))
+            protect(pri, uri, delays[0], capabilities, timeout=120)
+            if tls_dirs and not pri.qmp("query-migrate").get("x-channel", {}).get("authenticated"):
+                raise ColocoreError("the TLS pair's channel is not authenticated")
+            for n, delay in enumerate(delays):
+                if n:
+                    pri.qmp("migrate-set-parameters", {"x-checkpoint-delay": delay})
+                time.sleep(max(0.5, 3 * delay / 1000.0))     # settle on the new rate
+                say("checkpoint: %s delay=%d ms: protected %.0f s", label, delay, window_s)
+                a, a_wall = time.monotonic_ns(), time.time()
+                time.sleep(window_s)
+                b, b_wall = time.monotonic_ns(), time.time()
+                console.wait_past(b)
+                protected[delay].append(console.rate(a, b))
+                checkpoints[delay] += read_stats(stats, a_wall, b_wall)
+            say("checkpoint: %s: failover on the primary, unprotected %.0f s", label, base_s)
+            pri.qmp("x-colo-lost-heartbeat")
+            wait_until(pri, "query-colo-status", lambda d: d["mode"] == "none", "COLO's end")
+            sec.stop()
+            time.sleep(0.3)
+            base_rates.append(_unprotected_window(console, base_s))
+        finally:
+            console.close()
+
+
 def bench_checkpoint(wss_list=WSS, delays=DELAYS, window_s=3.0, base_s=2.0, cycles=3,
-                     mem="256M", capabilities=("compress",)):
+                     mem="256M", capabilities=("compress",), tls_modes=(False, True),
+                     tls_wss=None):
+    """tls_modes: plain and/or TLS pairs (rows carry `tls`); tls_wss: the working sets
+    measured with TLS too (default: all of them)."""
     rows = []
-    for wss in wss_list:
-        say("checkpoint: wss=%d: memcpy reference", wss)
-        limit = memcpy_ms(wss)
-        base_rates, protected, checkpoints = _checkpoint_one_wss(
-            wss, delays, window_s, base_s, cycles, mem, capabilities)
-        base = statistics.mean(base_rates)
-        for delay in delays:
-            cps = checkpoints[delay]
-            if not cps:
-                raise ColocoreError("no checkpoints recorded at wss=%d delay=%d" % (wss, delay))
-            rate = statistics.mean(protected[delay])
-            pauses = [c["pause-ms"] for c in cps]
-            lat = [c["latency-ms"] for c in cps]
-            sent = sum(c["bytes"] for c in cps)
-            raw = sum(c.get("raw-bytes", 0) for c in cps)
-            row = {
-                "wss": wss, "delay_ms": delay, "capabilities": list(capabilities),
-                "checkpoints": len(cps),
-                "checkpoints_per_s": round(len(cps) / (window_s * cycles), 2),
-                "pause_ms_p50": round(percentile(pauses, 50), 3),
-                "pause_ms_p90": round(percentile(pauses, 90), 3),
-                "pause_ms_p99": round(percentile(pauses, 99), 3),
-                "pause_ms_max": round(max(pauses), 3),
-                "latency_ms_p50": round(percentile(lat, 50), 3),
-                "latency_ms_p99": round(percentile(lat, 99), 3),
-                "dirty_pages_p50": int(percentile([c["dirty-pages"] for c in cps], 50)),
-                "bytes_per_checkpoint": int(sent / len(cps)),
-                "compression_ratio": round(raw / sent, 3) if sent else 0.0,
-                "memcpy_ms": round(limit, 4),
-                "pause_vs_memcpy": round(percentile(pauses, 50) / limit, 2) if limit else None,
-                "progress_ratio": round(rate / base, 4) if base else 0.0,
-                "rate_protected": [round(r, 1) for r in protected[delay]],
-                "rate_unprotected": [round(r, 1) for r in base_rates],
-            }
-            rows.append(row)
-            say("checkpoint: wss=%d delay=%d: pause p50 %.2f ms p99 %.2f ms (memcpy %.3f ms), "
-                "%d B/checkpoint, progress %.3f", wss, delay, row["pause_ms_p50"],
-                row["pause_ms_p99"], limit, row["bytes_per_checkpoint"], row["progress_ratio"])
+    with tempfile.TemporaryDirectory(prefix="colocore-pki-") as pki_dir:
+        for wss in wss_list:
+            say("checkpoint: wss=%d: memcpy reference", wss)
+            limit = memcpy_ms(wss)
+            modes = tuple(t for t in tls_modes if not t or tls_wss is None or wss in tls_wss)
+            base_rates, protected, checkpoints = _checkpoint_one_wss(
+                wss, delays, window_s, base_s, cycles, mem, capabilities, modes, pki_dir)
+            plain = {}
+            for tls in modes:
+                base = statistics.mean(base_rates[tls])
+                for delay in delays:
+                    row = _row(wss, delay, tls, capabilities, checkpoints[(tls, delay)],
+                               protected[(tls, delay)], base_rates[tls], base, limit,
+                               window_s, cycles)
+                    if not tls:
+                        plain[delay] = row
+                    elif delay in plain:
+                        # what TLS costs, against the plain pair of the same run
+                        p = plain[delay]
+                        row["tls_pause_vs_plain"] = _ratio(row["pause_ms_p50"], p["pause_ms_p50"])
+                        row["tls_latency_vs_plain"] = _ratio(row["latency_ms_p50"],
+                                                             p["latency_ms_p50"])
+                        row["tls_progress_vs_plain"] = _ratio(row["progress_ratio"],
+                                                              p["progress_ratio"])
+                    rows.append(row)
+                    say("checkpoint: wss=%d delay=%d%s: pause p50 %.2f ms p99 %.2f ms (memcpy "
+                        "%.3f ms), latency p50 %.2f ms, %d B/checkpoint, progress %.3f", wss,
+                        delay, " tls" if tls else "", row["pause_ms_p50"], row["pause_ms_p99"],
+                        limit, row["latency_ms_p50"], row["bytes_per_checkpoint"],
+                        row["progress_ratio"])
     return rows
 
 
+def _ratio(a, b):
+    return round(a / b, 3) if b else None
+
+
+def _row(wss, delay, tls, capabilities, cps, rates, base_rates, base, limit, window_s, cycles):
+    if not cps:
+        raise ColocoreError("no checkpoints recorded at wss=%d delay=%d%s"
+                            % (wss, delay, " tls" if tls else ""))
+    rate = statistics.mean(rates)
+    pauses = [c["pause-ms"] for c in cps]
+    lat = [c["latency-ms"] for c in cps]
+    sent = sum(c["bytes"] for c in cps)
+    raw = sum(c.get("raw-bytes", 0) for c in cps)
+    return {
+        "wss": wss, "delay_ms": delay, "tls": tls, "capabilities": list(capabilities),
+        "checkpoints": len(cps),
+        "checkpoints_per_s": round(len(cps) / (window_s * cycles), 2),
+        "pause_ms_p50": round(percentile(pauses, 50), 3),
+        "pause_ms_p90": round(percentile(pauses, 90), 3),
+        "pause_ms_p99": round(percentile(pauses, 99), 3),
+        "pause_ms_max": round(max(pauses), 3),
+        "latency_ms_p50": round(percentile(lat, 50), 3),
+        "latency_ms_p99": round(percentile(lat, 99), 3),
+        "dirty_pages_p50": int(percentile([c["dirty-pages"] for c in cps], 50)),
+        "bytes_per_checkpoint": int(sent / len(cps)),
+        "compression_ratio": round(raw / sent, 3) if sent else 0.0,
+        "memcpy_ms": round(limit, 4),
+        "pause_vs_memcpy": round(percentile(pauses, 50) / limit, 2) if limit else None,
+        "progress_ratio": round(rate / base, 4) if base else 0.0,
+        "rate_protected": [round(r, 1) for r in rates],
+        "rate_unprotected": [round(r, 1) for r in base_rates],
+    }
+
+
 def format(rows):
-    head = ("%6s %6s %5s %7s %7s %7s %7s %8s %8s %9s %8s %8s %7s %8s"
-            % ("wss", "delay", "ckpts", "p50", "p90", "p99", "max", "lat p50", "memcpy",
-               "B/ckpt", "compr", "progress", "noise", "p50/cpy"))
+    head = ("%6s %6s %4s %5s %7s %7s %7s %7s %8s %8s %9s %8s %8s %7s %8s %9s"
+            % ("wss", "delay", "tls", "ckpts", "p50", "p90", "p99", "max", "lat p50", "memcpy",
+               "B/ckpt", "compr", "progress", "noise", "p50/cpy", "lat/plain"))
     caps = ",".join(rows[0]["capabilities"]) if rows else ""
     lines = ["colocore checkpoint benchmark (pause and latency in ms; progress = protected / "
              "unprotected guest rate; noise = spread of the unprotected windows; "
@@ -216,11 +279,13 @@ def format(rows):
     for r in rows:
         u = r["rate_unprotected"]
         noise = (max(u) - min(u)) / statistics.mean(u) if u else 0.0
-        lines.append("%6d %6d %5d %7.2f %7.2f %7.2f %7.2f %8.2f %8.3f %9d %8.1f %8.3f %6.0f%% %8s" % (
-            r["wss"], r["delay_ms"], r["checkpoints"], r["pause_ms_p50"], r["pause_ms_p90"],
+        lines.append("%6d %6d %4s %5d %7.2f %7.2f %7.2f %7.2f %8.2f %8.3f %9d %8.1f %8.3f %6.0f%% %8s %9s" % (
+            r["wss"], r["delay_ms"], "on" if r.get("tls") else "off", r["checkpoints"],
+            r["pause_ms_p50"], r["pause_ms_p90"],
             r["pause_ms_p99"], r["pause_ms_max"], r["latency_ms_p50"], r["memcpy_ms"],
             r["bytes_per_checkpoint"], r["compression_ratio"], r["progress_ratio"], 100 * noise,
-            "-" if r["pause_vs_memcpy"] is None else "%.1fx" % r["pause_vs_memcpy"]))
+            "-" if r["pause_vs_memcpy"] is None else "%.1fx" % r["pause_vs_memcpy"],
+            "%.2fx" % r["tls_latency_vs_plain"] if r.get("tls_latency_vs_plain") else "-"))
     lines.append("")
     lines += checkpoint_targets(rows)
     return "\n".join(lines)
@@ -229,7 +294,7 @@ def format(rows):
 def checkpoint_targets(rows):
     out = []
     for r in rows:
-        if r["delay_ms"] != 200:
+        if r["delay_ms"] != 200 or r.get("tls"):
             continue
         if r["wss"] in (1000, 10000):
             k = 3 if r["wss"] == 1000 else 2
@@ -248,7 +313,8 @@ def checkpoint_targets(rows):
 
 def run(args):
     caps = tuple(c for c in (args.capabilities or "").split(",") if c)
+    tls_modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.tls]
     if args.quick:
         return bench_checkpoint(wss_list=(0, 1000), window_s=1.5, base_s=1.0, cycles=1,
-                                capabilities=caps)
-    return bench_checkpoint(capabilities=caps)
+                                capabilities=caps, tls_modes=tls_modes, tls_wss=(1000,))
+    return bench_checkpoint(capabilities=caps, tls_modes=tls_modes)
