@@ -27,6 +27,8 @@ class NodeView:
     failover: str = "?"
     peer: str = "?"
     checkpoints: int = 0
+    arbiter: str = ""                # "" without --arbiter; else state, role, lease
+    arbiter_role: str = ""           # serving | secondary | standby | none
     channel: str = ""                # the migration channel: TLS, and the peer's identity
     pid: int | None = None           # known for local nodes only
     cpu_percent: float | None = None
@@ -102,6 +104,23 @@ class CheckpointHistory:
         if span <= 0:
             return 0.0
         return sum(r.bytes_sent for r in list(self.records)[1:]) / span
+
+
+def arbiter_summary(arb):
+    """query-colo-status's arbiter member -> one line for a node panel."""
+    if not arb:
+        return ""
+    text = "%s, %s" % (arb.get("state", "?"), arb.get("role") or "none")
+    if arb.get("role") == "serving":
+        text += ", lease %d ms, output %s" % (arb.get("lease-ms", 0),
+                                              "released" if arb.get("may-release") else "held")
+    elif arb.get("holder"):
+        text += ", holder %s" % arb["holder"]
+    if arb.get("override"):
+        text += ", OVERRIDDEN"
+    if arb.get("standbys"):
+        text += ", standbys: %s" % ", ".join(arb["standbys"])
+    return text
 
 
 def human_bytes(n, suffix=""):

@@ -11,6 +11,7 @@ import time
 from colocore.control.hmp import format_channel
 from colocore_tui.link import CommandFailed, LinkLost, open_link, wait_for
 from colocore_tui.messages import LinkChanged, NodeEvent, NodeStatus, SettingsRead
+from colocore_tui.model import arbiter_summary
 
 POLL_S = 0.5              # status poll period
 FAST_POLL_S = 0.1         # while a failover is being followed
@@ -24,9 +25,13 @@ def colo_fields(status):
     peer = status.get("peer", "?")
     if status.get("peer-error"):
         peer += " (%s)" % status["peer-error"]
-    return {"colo_mode": status.get("mode", "?"), "last_mode": status.get("last-mode", "?"),
-            "reason": status.get("reason", "?"), "failover": status.get("failover-state", "?"),
-            "peer": peer, "checkpoints": status.get("checkpoints", 0)}
+    fields = {"colo_mode": status.get("mode", "?"), "last_mode": status.get("last-mode", "?"),
+              "reason": status.get("reason", "?"), "failover": status.get("failover-state", "?"),
+              "peer": peer, "checkpoints": status.get("checkpoints", 0)}
+    if "arbiter" in status:
+        fields["arbiter"] = arbiter_summary(status["arbiter"])
+        fields["arbiter_role"] = status["arbiter"].get("role") or "none"
+    return fields
 
 
 def find_local_pid(address):

@@ -39,6 +39,9 @@ def run(colo, ch, checkpointer):
     m = colo.machine
     colo.begin("primary", ch)
     params = colo.settings.parameters
+    arb = colo.arbiter
+    if arb is not None:
+        arb.colo_started()
     try:
         checkpoint_id = 0
         while colo.failover.state == FailoverState.NONE:
@@ -47,8 +50,9 @@ def run(colo, ch, checkpointer):
                 break
             checkpoint_id += 1
             hb = params["x-colo-heartbeat"]
-            ch.set_timeout(hb / 1000.0 if hb else REPLY_TIMEOUT)
+            ch.set_timeout(hb / 1000.0 if hb else (arb.silence_s if arb else REPLY_TIMEOUT))
             t0 = time.perf_counter()
+            t_request = time.monotonic()
             ch.send_msg(Msg.CHECKPOINT_REQUEST)
             ch.expect(Msg.CHECKPOINT_REPLY)
             faults.crash("after-request", checkpoint_id)
@@ -56,6 +60,11 @@ def run(colo, ch, checkpointer):
             sent, raw = checkpointer.send(ch, cap, checkpoint_id)
             ch.expect(Msg.VMSTATE_RECEIVED)
             faults.crash("after-received", checkpoint_id)
+            if arb is not None:
+                # the secondary heard us after t_request: it cannot call us silent (and
+                # take over) before t_request + silence, so this output may go out
+                # until then even if the lease cannot be renewed
+                arb.checkpoint_acked(t_request)
             # output commit: the secondary holds the state that produced these bytes
             m.release_output(cap.marks)
             ch.expect(Msg.VMSTATE_LOADED)
@@ -89,7 +98,9 @@ def _wait_delay(colo, ch, params, between=None):
     `between()` (the pre-copy) every PRECOPY_EVERY (at least twice per delay)."""
     delay = params["x-checkpoint-delay"] / 1000.0
     hb = params["x-colo-heartbeat"] / 1000.0
-    every = hb / 3 if hb else IDLE_HEARTBEAT
+    # under an arbiter the secondary calls us silent after `silence`: speak 4x as often
+    idle = min(IDLE_HEARTBEAT, colo.arbiter.silence_s / 4) if colo.arbiter else IDLE_HEARTBEAT
+    every = hb / 3 if hb else idle
     now = time.monotonic()
     deadline, next_hb = now + delay, now + every
     while True:
@@ -173,3 +184,5 @@ def _stopped_by_takeover(colo, exc):
     colo.exit_event("error")
     colo.leave()
     colo.migration_over()
+    if colo.arbiter is not None:
+        colo.arbiter.peer_took_over()

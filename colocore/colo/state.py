@@ -4,7 +4,9 @@ The checkpoint loops run on it (colo/primary.py on the migration thread, colo/se
 on the incoming thread); operators act on it (x_colo_lost_heartbeat, query-colo-status).
 It is given only what it uses: the machine, the migration settings, `emit(event, data)`,
 `serve()` (a secondary that takes over opens its guest chardevs and runs its guest) and
-`migration_over()` (the migration that turned into COLO is finished).
+`migration_over()` (the migration that turned into COLO is finished). Under `--arbiter`,
+`arbiter` is the node's control/arbiter.py object: it decides what peer_lost() does, and
+the loops tell it about acknowledged checkpoints (duck-typed: colo imports no arbiter).
 """
 import logging
 import threading
@@ -75,6 +77,8 @@ class Colo:
         self.secondary_done = threading.Event()   # the secondary loop has returned
         self.takeover_done = threading.Event()
         self.quitting = threading.Event()
+        self.arbiter = None               # control/arbiter.py under --arbiter
+        self.last_heard = 0.0             # secondary: when the primary's last byte came
         self.unusable = None              # why this secondary may not take over, if so
         self.cache = None                 # hybrid secondary: RAM as of the last checkpoint
 
@@ -152,6 +156,8 @@ class Colo:
         if self.reason == "none":
             self.reason = "request"
         log.info("COLO %s: failover requested%s", self.mode, " (automatic)" if auto else "")
+        if self.arbiter is not None and not auto:
+            self.arbiter.operator_failover(self.mode)
         if self.mode == "primary":
             # the migration thread notices at its next step; closing the channel wakes it
             self.trigger.set()
@@ -176,8 +182,15 @@ class Colo:
         self.peer_error = str(error)
         if self.failover.state != FailoverState.NONE:
             return
+        arb = self.arbiter
+        if arb is not None and arb.lost:
+            return                        # lost_key() stopped this node already
         self.reason = "error"
         self.exit_event("error")
+        if arb is not None and arb.override is None:
+            # the arbiter decides (failover.py: may_decide_alone's arbiter rule)
+            self._arbiter_decides(arb, error)
+            return
         decide, why = may_decide_alone(self.mode, getattr(error, "closed", False),
                                        self.settings.parameters["x-colo-heartbeat"])
         if decide:
@@ -192,6 +205,49 @@ class Colo:
                   "here to %s", self.mode, error,
                   "running, output held" if self.mode == "primary" else "at its last complete checkpoint",
                   "serve alone" if self.mode == "primary" else "take over")
+
+    def _arbiter_decides(self, arb, error):
+        def auto():
+            try:
+                self.request_failover(auto=True)
+            except ColocoreError:
+                pass
+        if self.mode == "primary":
+            log.error("COLO primary: lost the secondary (%s); serving alone once etcd confirms "
+                      "that it may no longer take over", error)
+            arb.primary_lost_secondary(auto)
+        else:
+            log.error("COLO secondary: lost the primary (%s); taking over if its lease expires "
+                      "and this node wins the key", error)
+            arb.secondary_lost_primary(self.last_heard, lambda: self.failover.state != FailoverState.NONE,
+                                       auto)
+
+    def lost_key(self, reason):
+        """The arbiter's key is someone else's: as after a TAKEOVER message, the guest stops
+        and nothing it produced is released any more (the fence is closed for ever)."""
+        m = self.machine
+        self.peer_error = "lost the key: %s" % reason
+        self.reason = "error"
+        try:
+            if m.runstate == "running":
+                m.pause("paused")
+        except ColocoreError as perr:
+            log.error("arbiter: could not stop the guest: %s", perr)
+        log.error("arbiter: this node lost the key (%s); its guest is stopped so that only "
+                  "one copy serves; it quits shortly", reason)
+        if self.mode != "none":
+            self.exit_event("error")
+            was = self.mode
+            ch = self.channel
+            if ch is not None:
+                ch.close()
+            self.leave()
+            if was == "primary":
+                self.migration_over()
+
+    def mark_stale(self, reason):
+        """A secondary whose copy may never serve: the primary went on without it."""
+        self.peer_error = "stale: %s" % reason
 
     def close(self):
         self.quitting.set()

@@ -20,7 +20,8 @@ def version_info():
 
 class Commands:
     def __init__(self, machine, settings, migration, colo, emit, request_quit, announce=None,
-                 migrate_incoming=None):
+                 migrate_incoming=None, arbiter=None):
+        self.arbiter = arbiter          # control/arbiter.py under --arbiter
         self.machine = machine
         self._migrate_incoming = migrate_incoming
         self.settings = settings
@@ -158,7 +159,10 @@ class Commands:
         self.colo.request_failover()
 
     def query_colo_status(self):
-        return self.colo.status()
+        st = self.colo.status()
+        if self.arbiter is not None:
+            st["arbiter"] = self.arbiter.status()
+        return st
 
     # ---- the network card -------------------------------------------------------------
 
@@ -180,3 +184,22 @@ class Commands:
         """QEMU's announce-self: RARP rounds from the guest's MAC, and ANNOUNCE."""
         self._nic()
         self.announce()
+
+    # ---- the arbiter ------------------------------------------------------------------
+
+    def _need_arbiter(self, what):
+        if self.arbiter is None:
+            raise ColocoreError("%s needs --arbiter (standbys register there); without it: "
+                                "migrate_set_capability x-colo on, then migrate tcp:HOST:PORT"
+                                % what)
+        return self.arbiter
+
+    def x_colo_protect(self, standby=None):
+        """Protect this node (serving alone) onto a registered standby; the guest serves on
+        during the initial copy. Returns the standby used."""
+        return self._need_arbiter("colo_protect").protect(standby)
+
+    def query_colo_standbys(self):
+        """The registered standbys, the one x_colo_protect would use first."""
+        return [{"name": s["name"], "id": s["id"], "uri": s["uri"], "next": i == 0}
+                for i, s in enumerate(self._need_arbiter("query-colo-standbys").ordered_standbys())]

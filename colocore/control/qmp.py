@@ -106,6 +106,11 @@ class QmpCommands:
         plain("query-colo-status", ops.query_colo_status)
         plain("announce-self", ops.announce_self)
         plain("x-query-net", ops.query_net)
+        plain("query-colo-standbys", ops.query_colo_standbys)
+
+        @self.command("x-colo-protect", standby=("str", False))
+        def _protect(session, args):
+            return ops.x_colo_protect(args.get("standby"))
 
         @self.command("migrate-set-capabilities", capabilities=("list", True))
         def _set_caps(session, args):

@@ -87,4 +87,4 @@ def format(res):
 
 
 def run(args):
-    return bench_failover(args.trials)
+    return bench_failover(args.trials or 20)

@@ -76,6 +76,11 @@ class VirtioNet(VirtioMmioDevice):
         self._event_lock = threading.Lock()
         self.on_event = lambda: None    # wakes a WAITing guest (the machine sets it)
         self.backend_error = None       # why the backend stopped, once
+        # may_release() of an arbiter (--arbiter), or None: asked before frames go to the
+        # tap; frames wait in `out` while it says no. `out` is the vCPU thread's: another
+        # thread asks for a flush with want_flush(), done at the next exit
+        self.fence = None
+        self.flush_wanted = False
 
     def reset(self):
         super().reset()
@@ -132,12 +137,24 @@ class VirtioNet(VirtioMmioDevice):
 
     def flush(self):
         """Write releasable frames to the tap (vCPU thread, or whoever releases output)."""
+        fence = self.fence
+        if fence is not None and not fence():
+            return
         e = self.out.flush(self._fd())
         if e and e not in (errno.EAGAIN, errno.EINVAL, errno.EMSGSIZE):
             self._backend_failed(e)
 
+    def want_flush(self):
+        """Any thread: send what is releasable at the vCPU's next exit (the fence reopened)."""
+        if self.out.releasable > self.out.base:     # a racy read: at worst one spare wake
+            self.flush_wanted = True
+            self.on_event()
+
     def deliver_rx(self):
         """Fill posted receive buffers from the tap; returns frames delivered."""
+        if self.flush_wanted:
+            self.flush_wanted = False
+            self.flush()
         fd = self._fd()
         if fd < 0 or not self.usable(self.queues[0]):
             return 0
