@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 FUZZ_SECONDS ?= 60
 FUZZ_FINDINGS ?= /tmp/colocore-findings
 
-.PHONY: all install demo test test-tools bench fuzz clean
+.PHONY: all install demo test test-tools bench fuzz clean etcd
 
 all: install
 
@@ -30,8 +30,19 @@ $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
 
 install: $(VENV)/.installed
 
-demo: install
+# The arbiter's tests, its benchmark and `make demo` run their own etcd (Debian's
+# etcd-server 3.4) as a child process; install the package where it is missing.
+etcd:
+	@command -v etcd >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "make: installing etcd-server etcd-client (etcd is missing)"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server etcd-client >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server etcd-client >/dev/null; }; \
+		else echo "make: etcd missing (the arbiter tests need it); as root: apt-get install etcd-server etcd-client" >&2; fi; }
+
+demo: install etcd
 	$(VENV)/bin/colocore demo
+	$(VENV)/bin/colocore demo --auto
 
 # The networked-guest tests drive the guest with Debian's Redis tools (redis-cli,
 # redis-benchmark) and measure redis-server beside it: install them where missing (as
@@ -47,7 +58,7 @@ test-tools: install
 		else echo "make test:$$missing missing; install redis-tools and redis-server (as root: apt-get install redis-tools redis-server)" >&2; fi; \
 	fi
 
-test: test-tools
+test: test-tools etcd
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
 
 # Every fuzzer for FUZZ_SECONDS, the corpus kept under tests/fuzz/corpus/ (committed seeds

@@ -78,7 +78,7 @@ setup(
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtWithGuests, "build_py": BuildPyWithGuests},
     python_requires=">=3.11",
-    install_requires=["textual", "psutil", "lz4", "pyroute2"],
+    install_requires=["textual", "psutil", "lz4", "pyroute2", "etcd3gw", "requests"],
     extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "qemu.qmp",
                              "pytest-textual-snapshot", "redis", "atheris"]},
     entry_points={"console_scripts": ["colocore=colocore.cli:main",

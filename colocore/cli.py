@@ -36,6 +36,9 @@ def _run_parser(sub):
                    help="debug: compare page hashes of secondary and primary at every checkpoint")
     p.add_argument("--stats-file", metavar="PATH",
                    help="append one JSON line per COLO checkpoint (pause, pages, bytes) to PATH")
+    p.add_argument("--arbiter", metavar="etcd:URL,key=KEY[,ttl=MS][,role=serve|standby][,protect=auto|manual]",
+                   help="let an etcd lease on KEY decide who serves: automatic failover "
+                        "without split brain, standbys, re-protection (README: Arbiter)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -54,13 +57,28 @@ def cmd_run(args):
         asyncio.run(node.run())
     except ColocoreError as exc:
         print("colocore: %s" % exc, file=sys.stderr)
-        return 1
+        return getattr(exc, "exit_status", 1)
     except OSError as exc:
         # KvmError and friends already carry an actionable message
         print("colocore: %s" % (exc.strerror if exc.strerror else exc), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    return node.exit_status
+
+
+def cmd_protect(args):
+    from colocore.clients.qmp import QmpClient
+    try:
+        c = QmpClient(args.address)
+        try:
+            out = c.execute("x-colo-protect", {"standby": args.standby} if args.standby else {})
+        finally:
+            c.close()
+    except ColocoreError as exc:
+        print("colocore protect: %s" % exc, file=sys.stderr)
+        return 1
+    print("protecting onto standby %s at %s" % (out["standby"], out["uri"]))
     return 0
 
 
@@ -75,6 +93,11 @@ def main(argv=None):
     d.add_argument("--snapshot", action="store_true",
                    help="the single-node job instead: save to a file, restore, check")
     d.add_argument("--json", action="store_true", help="one JSON object per step")
+    d.add_argument("--auto", action="store_true",
+                   help="under an etcd arbiter: automatic failover, then re-protection onto a standby")
+    pr = sub.add_parser("protect", help="protect a node serving alone onto a registered standby")
+    pr.add_argument("address", help="the serving node's QMP socket, unix:PATH or tcp:HOST:PORT")
+    pr.add_argument("--standby", help="a standby's name or id (default: the one listed first)")
     mon = sub.add_parser("monitor", help="talk to a node's HMP monitor")
     mon.add_argument("address", help="unix:PATH or tcp:HOST:PORT")
     mon.add_argument("command", nargs="*")
@@ -85,12 +108,26 @@ def main(argv=None):
                                      "in the same run)")
     b.add_argument("what", choices=BENCHMARKS)
     b.add_argument("--json", action="store_true")
-    b.add_argument("--trials", type=int, default=20, help="failover: number of trials")
+    b.add_argument("--trials", type=int, default=None,
+                   help="failover: number of trials (20); partitions: cuts and heals (50)")
+    b.add_argument("--seed", type=int, help="partitions: the random seed (default: random)")
+    b.add_argument("--ttl", type=int, default=1000, help="partitions: the lease in ms")
     b.add_argument("--net", action="store_true",
                    help="failover: the networked guest, timed as a TCP client sees it "
-                        "(with and without the replay of mirrored frames)")
+                        "(with and without the replay of mirrored frames; --seed too)")
     b.add_argument("--capabilities", default="compress", metavar="CAP,...",
                    help="checkpoint: migration capabilities of the primary (default compress)")
+    b.add_argument("--patterns", metavar="P,...", help="checkpoint: guest write patterns "
+                   "(hot: a working set rewritten all the time; scan: wss new pages every "
+                   "200 ms); default hot,scan")
+    b.add_argument("--modes", metavar="M,...", help="checkpoint: pause modes of the primary: "
+                   "hot, pre, then cow or copy, joined by + (copy is the engine before hot "
+                   "pages and copy-on-write); default copy,hot+pre+cow")
+    b.add_argument("--wss", metavar="N,...", help="checkpoint: working sets in pages "
+                   "(default 0,100,1000,10000 for hot, 1000,10000 for scan)")
+    b.add_argument("--delays", metavar="MS,...", help="checkpoint: x-checkpoint-delay values "
+                   "(default 200,25)")
+    b.add_argument("--cycles", type=int, help="checkpoint: cycles per row (default 3)")
     b.add_argument("--tls", choices=("both", "on", "off"), default="both",
                    help="checkpoint: plain and TLS pairs in the same run (both, the default), "
                         "or only one kind")
@@ -109,6 +146,8 @@ def main(argv=None):
     if args.cmd == "script":
         from colocore.tools import script
         return script.main(args)
+    if args.cmd == "protect":
+        return cmd_protect(args)
     if args.cmd == "bench":
         from colocore.tools import bench
         return bench.main(args)

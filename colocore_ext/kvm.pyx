@@ -11,6 +11,12 @@ handler does nothing (installed without SA_RESTART) to the vCPU thread, so KVM_R
 returns EINTR at once. A pending MMIO/PIO read is completed by that re-entry before
 KVM_RUN returns (KVM API: "re-enter with immediate_exit set to complete pending
 operations"), so the state read after a kick is always consistent.
+
+A checkpoint capture is served inside the run loop (`capture_begin` / `capture_wait`):
+the loop, back from KVM_RUN with EINTR, runs the RAM capture and reads the vCPU state in
+C without the GIL (regs, sregs and events come for free in kvm_run's sync area,
+KVM_CAP_SYNC_REGS), runs one Python callable for the device state, and re-enters
+KVM_RUN without ever leaving the loop: no thread hand-off while the guest is stopped.
 """
 from libc.errno cimport errno, EINTR, EAGAIN
 from libc.string cimport memcpy, memset, strerror
@@ -27,10 +33,34 @@ import os
 
 from colocore_ext.dirtylog import enable_manual_protect
 
-cdef extern from "<pthread.h>" nogil:
-    ctypedef unsigned long pthread_t
-    pthread_t pthread_self()
-    int pthread_kill(pthread_t thread, int sig)
+from colocore_ext.capture cimport Capture
+from colocore_ext.posix_threads cimport (pthread_t, pthread_self, pthread_kill, pthread_mutex_t,
+                                         pthread_cond_t, pthread_mutex_init, pthread_mutex_lock,
+                                         pthread_mutex_unlock, pthread_cond_init,
+                                         pthread_cond_wait, pthread_cond_broadcast)
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+cdef extern from *:
+    """
+    #define cc_full_fence() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+    """
+    void cc_full_fence() noexcept nogil
+
+cdef enum:
+    CAP_IDLE = 0
+    CAP_REQUESTED = 1
+    CAP_RUNNING = 2
+    CAP_DONE = 3
+    CAP_DECLINED = 4
+    HAVE_XCRS = 1
+    HAVE_DEBUGREGS = 2
+    MAX_MSRS = 64
+
+
+cdef inline double _now_us() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec * 1e6 + ts.tv_nsec * 1e-3
 
 cdef extern from "<signal.h>" nogil:
     int SIGRTMIN_ "SIGRTMIN"
@@ -194,10 +224,37 @@ cdef class Vcpu:
     cdef volatile bint in_run_loop
     cdef public uint64_t exits
     cdef object msr_indices
+    # the in-loop capture: cap_state changes under cap_mu only
+    cdef pthread_mutex_t cap_mu
+    cdef pthread_cond_t cap_cv
+    cdef volatile int cap_state
+    cdef volatile int park_req
+    cdef Capture cap_ram
+    cdef object cap_py
+    cdef object cap_exc
+    cdef int cap_ram_status
+    cdef bint sync_regs
+    cdef kvm_mp_state c_mp
+    cdef kvm_regs c_regs
+    cdef kvm_sregs c_sregs
+    cdef kvm_vcpu_events c_events
+    cdef kvm_xsave *c_xsave
+    cdef kvm_xcrs c_xcrs
+    cdef kvm_debugregs c_dregs
+    cdef kvm_msrs *c_msrs
+    cdef int c_nmsrs
+    cdef int c_have
+    cdef int c_errno
+    cdef const char *c_err_what
+    cdef readonly double t_request, t_exit, t_ram, t_vcpu, t_gil, t_dev, t_resume
 
     def __cinit__(self):
         self.fd = -1
         self.run = NULL
+        self.c_xsave = NULL
+        self.c_msrs = NULL
+        pthread_mutex_init(&self.cap_mu, NULL)
+        pthread_cond_init(&self.cap_cv, NULL)
 
     def __init__(self, Vm vm):
         _install_kick_handler()
@@ -215,6 +272,17 @@ cdef class Vcpu:
         self.run = <kvm_run *>p
         self._set_supported_cpuid()
         self.msr_indices = self._msr_indices()
+        cdef int i
+        self.c_xsave = <kvm_xsave *>calloc(1, sizeof(kvm_xsave))
+        self.c_msrs = <kvm_msrs *>calloc(1, sizeof(kvm_msrs) + MAX_MSRS * sizeof(kvm_msr_entry))
+        if self.c_xsave == NULL or self.c_msrs == NULL:
+            raise MemoryError()
+        self.c_nmsrs = min(len(self.msr_indices), MAX_MSRS)
+        for i in range(self.c_nmsrs):
+            self.c_msrs.entries[i].index = self.msr_indices[i]
+        sync = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
+        self.sync_regs = (ioctl(vm.kvm_fd, KVM_CHECK_EXTENSION, <unsigned long>KVM_CAP_SYNC_REGS)
+                          & sync) == sync
 
     def close(self):
         if self.run != NULL:
@@ -229,6 +297,8 @@ cdef class Vcpu:
             munmap(self.run, self.run_size)
         if self.fd >= 0:
             close(self.fd)
+        free(self.c_xsave)
+        free(self.c_msrs)
 
     cdef _set_supported_cpuid(self):
         cdef int n = 256
@@ -262,10 +332,165 @@ cdef class Vcpu:
     # ---- running ---------------------------------------------------------------
 
     def kick(self):
-        """Make KVM_RUN return promptly, from any thread (also before the loop runs)."""
+        """Make run_loop return "kicked" promptly, from any thread (also before the loop
+        runs: its first KVM_RUN then returns at once)."""
+        self.park_req = 1
+        # The loop clears immediate_exit and then reads park_req; both sides fence, so
+        # either it sees park_req or KVM_RUN sees immediate_exit (no lost kick).
+        cc_full_fence()
         self.run.immediate_exit = 1
         if self.in_run_loop:
             pthread_kill(self.thread, SIGRTMIN_ + 3)
+
+    # ---- the checkpoint capture, served inside the run loop --------------------------
+
+    def capture_begin(self, Capture ram, in_pause):
+        """Ask the run loop to stop the guest for a checkpoint: it runs `ram`'s pause
+        (if not None), reads the vCPU state, calls `in_pause()` (GIL held, guest
+        stopped) and resumes the guest by itself. Returns False when the loop is not
+        running (then park the vCPU and capture on this thread). Follow with
+        capture_wait(); wake a guest idling in a device wait in between."""
+        pthread_mutex_lock(&self.cap_mu)
+        if not self.in_run_loop or self.cap_state != CAP_IDLE:
+            pthread_mutex_unlock(&self.cap_mu)
+            return False
+        self.cap_ram = ram
+        self.cap_py = in_pause
+        self.cap_exc = None
+        self.cap_ram_status = 0
+        self.c_errno = 0
+        self.cap_state = CAP_REQUESTED
+        self.t_request = _now_us()
+        pthread_mutex_unlock(&self.cap_mu)
+        if self.sync_regs:
+            self.run.kvm_valid_regs = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
+        cc_full_fence()
+        self.run.immediate_exit = 1
+        pthread_kill(self.thread, SIGRTMIN_ + 3)
+        return True
+
+    def capture_wait(self):
+        """Wait (without the GIL) until the requested capture ran. True when it did (the
+        vCPU state is then in captured_state()); False when the loop ended first."""
+        cdef int st
+        with nogil:
+            pthread_mutex_lock(&self.cap_mu)
+            while self.cap_state == CAP_REQUESTED or self.cap_state == CAP_RUNNING:
+                pthread_cond_wait(&self.cap_cv, &self.cap_mu)
+            st = self.cap_state
+            self.cap_state = CAP_IDLE
+            pthread_mutex_unlock(&self.cap_mu)
+        ram = self.cap_ram
+        self.cap_ram = None
+        self.cap_py = None
+        if st == CAP_DECLINED:
+            return False
+        if self.cap_ram_status < 0:
+            ram.raise_error()
+        if self.c_errno:
+            raise KvmError(self.c_errno, "%s during the checkpoint pause: %s"
+                           % (self.c_err_what.decode(), os.strerror(self.c_errno)))
+        if self.cap_exc is not None:
+            exc, self.cap_exc = self.cap_exc, None
+            raise exc
+        return True
+
+    cdef bint _capture_nogil(self) noexcept nogil:
+        """On the vCPU thread, back from KVM_RUN with EINTR: serve a requested capture."""
+        cdef bint take
+        pthread_mutex_lock(&self.cap_mu)
+        take = self.cap_state == CAP_REQUESTED
+        if take:
+            self.cap_state = CAP_RUNNING
+        pthread_mutex_unlock(&self.cap_mu)
+        if not take:
+            return False
+        self.t_exit = _now_us()
+        if self.cap_ram is not None:
+            # the RAM capture's copying goes on in the copier thread meanwhile
+            self.cap_ram_status = self.cap_ram.pause_begin_nogil()
+        self.t_ram = _now_us()
+        self._read_state_nogil()
+        self.t_vcpu = _now_us()
+        return True
+
+    cdef void _read_state_nogil(self) noexcept nogil:
+        cdef uint64_t want = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
+        cdef int got
+        self.c_have = 0
+        # MP_STATE first, VCPU_EVENTS last (the order of get_state); regs, sregs and events
+        # were stored by KVM into the sync area at this very exit
+        if ioctl(self.fd, KVM_GET_MP_STATE, &self.c_mp) < 0:
+            self._state_error(b"KVM_GET_MP_STATE")
+            return
+        if self.sync_regs and (self.run.kvm_valid_regs & want) == want:
+            self.c_regs = self.run.s.regs.regs
+            self.c_sregs = self.run.s.regs.sregs
+            self.c_events = self.run.s.regs.events
+            self.run.kvm_valid_regs = 0        # ordinary exits need not pay for it
+        else:
+            if ioctl(self.fd, KVM_GET_REGS, &self.c_regs) < 0:
+                self._state_error(b"KVM_GET_REGS")
+                return
+            if ioctl(self.fd, KVM_GET_SREGS, &self.c_sregs) < 0:
+                self._state_error(b"KVM_GET_SREGS")
+                return
+            if ioctl(self.fd, KVM_GET_VCPU_EVENTS, &self.c_events) < 0:
+                self._state_error(b"KVM_GET_VCPU_EVENTS")
+                return
+        if ioctl(self.fd, KVM_GET_XSAVE, self.c_xsave) < 0:
+            self._state_error(b"KVM_GET_XSAVE")
+            return
+        if ioctl(self.fd, KVM_GET_XCRS, &self.c_xcrs) == 0:
+            self.c_have |= HAVE_XCRS
+        if ioctl(self.fd, KVM_GET_DEBUGREGS, &self.c_dregs) == 0:
+            self.c_have |= HAVE_DEBUGREGS
+        self.c_msrs.nmsrs = self.c_nmsrs
+        got = ioctl(self.fd, KVM_GET_MSRS, self.c_msrs)
+        if got < 0:
+            self._state_error(b"KVM_GET_MSRS")
+            return
+        self.c_msrs.nmsrs = got
+
+    cdef void _state_error(self, const char *what) noexcept nogil:
+        self.c_errno = errno
+        self.c_err_what = what
+
+    cdef _capture_finish(self):
+        """The GIL part of a served capture, the rest of the RAM copying, then the guest
+        may run again."""
+        cdef Capture ram = self.cap_ram     # the waiter drops self.cap_ram once DONE
+        self.t_gil = _now_us()
+        try:
+            if self.cap_py is not None and self.cap_ram_status == 0 and self.c_errno == 0:
+                self.cap_py()
+        except BaseException as exc:   # noqa: B036 - handed to the waiting thread
+            self.cap_exc = exc
+        with nogil:
+            self.t_dev = _now_us()
+            if ram is not None and self.cap_ram_status == 0:
+                ram.pause_end_nogil()
+            pthread_mutex_lock(&self.cap_mu)
+            self.cap_state = CAP_DONE
+            self.t_resume = _now_us()
+            pthread_cond_broadcast(&self.cap_cv)
+            pthread_mutex_unlock(&self.cap_mu)
+            if ram is not None:
+                ram.start_copier_nogil()
+
+    def captured_state(self):
+        """The vCPU state read by the last served capture, shaped like get_state()."""
+        state = {"mp_state": (<char *>&self.c_mp)[:sizeof(kvm_mp_state)],
+                 "regs": (<char *>&self.c_regs)[:sizeof(kvm_regs)],
+                 "sregs": (<char *>&self.c_sregs)[:sizeof(kvm_sregs)],
+                 "xsave": (<char *>self.c_xsave)[:sizeof(kvm_xsave)]}
+        if self.c_have & HAVE_XCRS:
+            state["xcrs"] = (<char *>&self.c_xcrs)[:sizeof(kvm_xcrs)]
+        if self.c_have & HAVE_DEBUGREGS:
+            state["debugregs"] = (<char *>&self.c_dregs)[:sizeof(kvm_debugregs)]
+        state["msrs"] = (<char *>self.c_msrs)[:sizeof(kvm_msrs) + self.c_msrs.nmsrs * sizeof(kvm_msr_entry)]
+        state["events"] = (<char *>&self.c_events)[:sizeof(kvm_vcpu_events)]
+        return state
 
     def run_loop(self, bus):
         """KVM_RUN until kicked or the guest stops; device exits go to `bus`.
@@ -281,17 +506,29 @@ cdef class Vcpu:
         cdef uint32_t size
         cdef uint32_t i
         cdef uint32_t count
+        cdef bint served
         self.thread = pthread_self()
+        pthread_mutex_lock(&self.cap_mu)
         self.in_run_loop = True
+        pthread_mutex_unlock(&self.cap_mu)
         try:
             while True:
                 with nogil:
                     r = ioctl(self.fd, KVM_RUN, 0)
                     e = errno
+                    served = False
+                    if r < 0 and (e == EINTR or e == EAGAIN):
+                        self.run.immediate_exit = 0
+                        cc_full_fence()      # see kick()
+                        served = self._capture_nogil()
                 if r < 0:
                     if e == EINTR or e == EAGAIN:
-                        self.run.immediate_exit = 0
-                        return "kicked"
+                        if served:
+                            self._capture_finish()
+                        if self.park_req:
+                            self.park_req = 0
+                            return "kicked"
+                        continue             # a capture, or a stray signal: run on
                     raise KvmError(e, "KVM_RUN: %s" % os.strerror(e))
                 self.exits += 1
                 reason = self.run.exit_reason
@@ -321,7 +558,13 @@ cdef class Vcpu:
                 else:
                     return "unknown-exit-%d" % reason
         finally:
-            self.in_run_loop = False
+            with nogil:
+                pthread_mutex_lock(&self.cap_mu)
+                self.in_run_loop = False
+                if self.cap_state == CAP_REQUESTED:     # the requester captures itself
+                    self.cap_state = CAP_DECLINED
+                    pthread_cond_broadcast(&self.cap_cv)
+                pthread_mutex_unlock(&self.cap_mu)
 
     # ---- state -----------------------------------------------------------------
     # Blobs are the kernel structs as bytes; their layout is the one linux/kvm.h gives

@@ -86,6 +86,10 @@ cdef extern from "<linux/kvm.h>" nogil:
         KVM_EXIT_IO_IN
         KVM_EXIT_IO_OUT
         KVM_MAX_XCRS
+        KVM_CAP_SYNC_REGS
+        KVM_SYNC_X86_REGS
+        KVM_SYNC_X86_SREGS
+        KVM_SYNC_X86_EVENTS
 
     # ---- memslots and dirty logging ---------------------------------------------
     cdef struct kvm_userspace_memory_region:
@@ -111,57 +115,6 @@ cdef extern from "<linux/kvm.h>" nogil:
         uint32_t flags
         uint64_t args[4]
         uint8_t pad[64]
-
-    # ---- kvm_run (the shared page of a vCPU); the exit union is unnamed in C ------
-    cdef struct _kvm_run_hw:
-        uint64_t hardware_exit_reason
-
-    cdef struct _kvm_run_fail_entry:
-        uint64_t hardware_entry_failure_reason
-        uint32_t cpu
-
-    cdef struct _kvm_run_ex:
-        uint32_t exception
-        uint32_t error_code
-
-    cdef struct _kvm_run_io:
-        uint8_t direction
-        uint8_t size
-        uint16_t port
-        uint32_t count
-        uint64_t data_offset        # relative to the start of kvm_run
-
-    cdef struct _kvm_run_mmio:
-        uint64_t phys_addr
-        uint8_t data[8]
-        uint32_t len
-        uint8_t is_write
-
-    cdef struct _kvm_run_internal:
-        uint32_t suberror
-        uint32_t ndata
-        uint64_t data[16]
-
-    cdef struct _kvm_run_system_event:
-        uint32_t type
-        uint32_t ndata
-
-    cdef struct kvm_run:
-        uint8_t request_interrupt_window
-        uint8_t immediate_exit
-        uint32_t exit_reason
-        uint8_t ready_for_interrupt_injection
-        uint8_t if_flag
-        uint16_t flags
-        uint64_t cr8
-        uint64_t apic_base
-        _kvm_run_hw hw
-        _kvm_run_fail_entry fail_entry
-        _kvm_run_ex ex
-        _kvm_run_io io
-        _kvm_run_mmio mmio
-        _kvm_run_internal internal
-        _kvm_run_system_event system_event
 
     # ---- vCPU state -------------------------------------------------------------
     cdef struct kvm_regs:
@@ -259,6 +212,68 @@ cdef extern from "<linux/kvm.h>" nogil:
 
     cdef struct kvm_mp_state:
         uint32_t mp_state
+    cdef struct kvm_sync_regs:
+        kvm_regs regs
+        kvm_sregs sregs
+        kvm_vcpu_events events
+    cdef struct _kvm_run_sync:
+        kvm_sync_regs regs
+    # ---- kvm_run (the shared page of a vCPU); the exit union is unnamed in C ------
+    cdef struct _kvm_run_hw:
+        uint64_t hardware_exit_reason
+
+    cdef struct _kvm_run_fail_entry:
+        uint64_t hardware_entry_failure_reason
+        uint32_t cpu
+
+    cdef struct _kvm_run_ex:
+        uint32_t exception
+        uint32_t error_code
+
+    cdef struct _kvm_run_io:
+        uint8_t direction
+        uint8_t size
+        uint16_t port
+        uint32_t count
+        uint64_t data_offset        # relative to the start of kvm_run
+
+    cdef struct _kvm_run_mmio:
+        uint64_t phys_addr
+        uint8_t data[8]
+        uint32_t len
+        uint8_t is_write
+
+    cdef struct _kvm_run_internal:
+        uint32_t suberror
+        uint32_t ndata
+        uint64_t data[16]
+
+    cdef struct _kvm_run_system_event:
+        uint32_t type
+        uint32_t ndata
+
+    cdef struct kvm_run:
+        uint8_t request_interrupt_window
+        uint8_t immediate_exit
+        uint32_t exit_reason
+        uint8_t ready_for_interrupt_injection
+        uint8_t if_flag
+        uint16_t flags
+        uint64_t cr8
+        uint64_t apic_base
+        _kvm_run_hw hw
+        _kvm_run_fail_entry fail_entry
+        _kvm_run_ex ex
+        _kvm_run_io io
+        _kvm_run_mmio mmio
+        _kvm_run_internal internal
+        _kvm_run_system_event system_event
+        # KVM_CAP_SYNC_REGS: the classes set in kvm_valid_regs are stored in s.regs at
+        # every exit from KVM_RUN (s is an unnamed union in C)
+        uint64_t kvm_valid_regs
+        uint64_t kvm_dirty_regs
+        _kvm_run_sync s
+
 
     cdef struct kvm_debugregs:
         uint64_t db[4]

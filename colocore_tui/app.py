@@ -24,6 +24,7 @@ from colocore_tui.model import CheckpointHistory, CheckpointRecord, NodeView
 from colocore_tui.screens.delay import DelayScreen
 from colocore_tui.screens.failover import FailoverScreen
 from colocore_tui.screens.help import HelpScreen
+from colocore_tui.screens.protect import ProtectScreen
 from colocore_tui.watcher import NodeWatcher
 from colocore_tui.widgets.event_log import EventLog
 from colocore_tui.widgets.node_panel import NodePanel
@@ -54,6 +55,7 @@ class ColocoreConsole(App):
         Binding("f", "failover", "Failover"),
         Binding("p", "pause", "Pause/resume"),
         Binding("d", "delay", "Checkpoint delay"),
+        Binding("r", "protect", "Re-protect"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q", "quit", "Quit"),
     ]
@@ -244,6 +246,28 @@ class ColocoreConsole(App):
                                   {"x-checkpoint-delay": value},
                                   done_text="x-checkpoint-delay set to %d ms" % value)
         self.push_screen(DelayScreen(current), chosen)
+
+    @work(group="commands")
+    async def action_protect(self):
+        """r: the node that serves alone (under --arbiter) protects itself onto the
+        standby shown first."""
+        serving = next((role for role, v in self.views.items() if v.arbiter_role == "serving"),
+                       None)
+        if serving is None:
+            self.notify("no watched node serves under an arbiter (--arbiter): nothing to "
+                        "re-protect", severity="warning", timeout=6)
+            return
+        standbys, error = [], None
+        try:
+            standbys = await self.watchers[serving].execute("query-colo-standbys")
+        except (CommandFailed, LinkLost, OSError) as exc:
+            error = "cannot list the standbys: %s" % exc
+
+        def chosen(standby_id):
+            if standby_id is not None:
+                self.send_command(serving, "x-colo-protect", {"standby": standby_id},
+                                  done_text="protecting the %s onto a standby" % serving)
+        self.push_screen(ProtectScreen(serving, standbys, error), chosen)
 
     def action_help(self):
         self.push_screen(HelpScreen())

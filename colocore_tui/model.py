@@ -28,6 +28,8 @@ class NodeView:
     peer: str = "?"
     checkpoints: int = 0
     network: str = ""                # the network side of COLO, summed up (net_summary)
+    arbiter: str = ""                # "" without --arbiter; else state, role, lease
+    arbiter_role: str = ""           # serving | secondary | standby | none
     channel: str = ""                # the migration channel: TLS, and the peer's identity
     pid: int | None = None           # known for local nodes only
     cpu_percent: float | None = None
@@ -135,6 +137,23 @@ def net_summary(net):
         if net.get("mirrored") is not None:
             parts.append("mirrored %d" % net["mirrored"])
     return ", ".join(parts)
+
+
+def arbiter_summary(arb):
+    """query-colo-status's arbiter member -> one line for a node panel."""
+    if not arb:
+        return ""
+    text = "%s, %s" % (arb.get("state", "?"), arb.get("role") or "none")
+    if arb.get("role") == "serving":
+        text += ", lease %d ms, output %s" % (arb.get("lease-ms", 0),
+                                              "released" if arb.get("may-release") else "held")
+    elif arb.get("holder"):
+        text += ", holder %s" % arb["holder"]
+    if arb.get("override"):
+        text += ", OVERRIDDEN"
+    if arb.get("standbys"):
+        text += ", standbys: %s" % ", ".join(arb["standbys"])
+    return text
 
 
 def human_bytes(n, suffix=""):

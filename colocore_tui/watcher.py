@@ -11,7 +11,7 @@ import time
 from colocore.control.hmp import format_channel
 from colocore_tui.link import CommandFailed, LinkLost, open_link, wait_for
 from colocore_tui.messages import LinkChanged, NodeEvent, NodeStatus, SettingsRead
-from colocore_tui.model import net_summary
+from colocore_tui.model import arbiter_summary, net_summary
 
 POLL_S = 0.5              # status poll period
 FAST_POLL_S = 0.1         # while a failover is being followed
@@ -30,6 +30,9 @@ def colo_fields(status):
               "peer": peer, "checkpoints": status.get("checkpoints", 0)}
     if status.get("net"):
         fields["network"] = net_summary(status["net"])
+    if "arbiter" in status:
+        fields["arbiter"] = arbiter_summary(status["arbiter"])
+        fields["arbiter_role"] = status["arbiter"].get("role") or "none"
     return fields
 
 

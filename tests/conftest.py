@@ -1,8 +1,9 @@
 """Shared test set-up: KVM/root markers that skip locally but fail in CI.
 
 `pytest.mark.kvm` needs a usable /dev/kvm, `pytest.mark.net` needs root (network
-namespaces). With COLOCORE_REQUIRE_KVM=1 (what .ci/run sets) a missing requirement is a
-failure, never a skip.
+namespaces), `pytest.mark.etcd` the etcd binary (Debian's etcd-server; `make test`
+installs it as root). With COLOCORE_REQUIRE_KVM=1 (what .ci/run sets) a missing
+requirement is a failure, never a skip.
 """
 import os
 import sys
@@ -29,8 +30,14 @@ def _root_problem():
     return None if os.geteuid() == 0 else "needs root (CAP_NET_ADMIN) for network namespaces"
 
 
+def _etcd_problem():
+    import shutil
+    return None if shutil.which("etcd") else \
+        "etcd is not installed (apt-get install etcd-server as root; make test does it)"
+
+
 def pytest_runtest_setup(item):
-    for marker, check in (("kvm", _kvm_problem), ("net", _root_problem)):
+    for marker, check in (("kvm", _kvm_problem), ("net", _root_problem), ("etcd", _etcd_problem)):
         if item.get_closest_marker(marker) is None:
             continue
         problem = check()
@@ -52,6 +59,17 @@ def nodes(tmp_path):
         ns.close()
 
 
+@pytest.fixture
+def etcd_server(tmp_path):
+    """A real etcd on a free loopback port, stopped by pid after the test."""
+    from colocore.tools.etcd import EtcdServer
+    srv = EtcdServer(str(tmp_path / "etcd-data"))
+    try:
+        yield srv.start()
+    finally:
+        srv.stop()
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests are sorted by what they need: tests/kvm needs KVM, tests/net needs root too."""
     for item in items:
@@ -61,6 +79,8 @@ def pytest_collection_modifyitems(config, items):
         if os.sep + "net" + os.sep in path:
             item.add_marker(pytest.mark.kvm)
             item.add_marker(pytest.mark.net)
+        if "etcd_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.etcd)
 
 
 # Every process a test starts inherits this token in its environment (nodes, etcd, clients,

@@ -91,6 +91,10 @@ def may_decide_alone(mode, peer_closed, heartbeat_ms):
     - Silence decides nothing by default: a dead host and a partition look alike, and a
       silent peer may be alive and serving behind a partition (split brain).
     - x-colo-heartbeat (off by default) lets silence decide, with that risk.
+    - Under --arbiter this rule is not asked: an etcd lease decides (colo/state.py
+      `_arbiter_decides`, control/arbiter.py): a primary serves alone only after etcd
+      recorded that its secondary may no longer take over; a secondary takes over only if
+      it wins the key once the primary's lease has expired.
     A secondary that takes over says so on the return path (Msg.TAKEOVER), and a primary
     that hears it stops its guest (colo/primary.py), so that one copy serves."""
     if mode == "primary" and peer_closed:

@@ -5,7 +5,7 @@ secondary's checkpoint-ready was read before the guest resumed):
 
     every x-checkpoint-delay (or at once on a trigger):
       -> checkpoint-request   <- checkpoint-reply
-      pause: harvest + copy dirty pages + vCPU + devices, resume  (Checkpointer.capture)
+      pause: dirty log, hot/cow split, copy, vCPU, devices, resume  (Checkpointer.capture)
       -> vmstate-send [RAM ... END] vmstate-size N [N bytes of device part]
       <- vmstate-received     release the output held up to this checkpoint
       <- vmstate-loaded
@@ -29,6 +29,9 @@ REPLY_TIMEOUT = 10.0
 # that a secondary notices a silent primary (a dead host, a partition) and reports it;
 # without x-colo-heartbeat it still waits for the operator to decide.
 IDLE_HEARTBEAT = 1.0
+# How often the primary pre-copies between checkpoints (x-colo-precopy): the pages a
+# pause still has to handle are those written since the last pre-copy.
+PRECOPY_EVERY = 0.02
 
 
 def run(colo, ch, checkpointer):
@@ -36,16 +39,20 @@ def run(colo, ch, checkpointer):
     m = colo.machine
     colo.begin("primary", ch)
     params = colo.settings.parameters
+    arb = colo.arbiter
+    if arb is not None:
+        arb.colo_started()
     try:
         checkpoint_id = 0
         while colo.failover.state == FailoverState.NONE:
-            _wait_delay(colo, ch, params)
+            _wait_delay(colo, ch, params, checkpointer.precopy)
             if colo.failover.state != FailoverState.NONE:
                 break
             checkpoint_id += 1
             hb = params["x-colo-heartbeat"]
-            ch.set_timeout(hb / 1000.0 if hb else REPLY_TIMEOUT)
+            ch.set_timeout(hb / 1000.0 if hb else (arb.silence_s if arb else REPLY_TIMEOUT))
             t0 = time.perf_counter()
+            t_request = time.monotonic()
             ch.send_msg(Msg.CHECKPOINT_REQUEST)
             ch.expect(Msg.CHECKPOINT_REPLY)
             faults.crash("after-request", checkpoint_id)
@@ -53,6 +60,11 @@ def run(colo, ch, checkpointer):
             sent, raw = checkpointer.send(ch, cap, checkpoint_id)
             ch.expect(Msg.VMSTATE_RECEIVED)
             faults.crash("after-received", checkpoint_id)
+            if arb is not None:
+                # the secondary heard us after t_request: it cannot call us silent (and
+                # take over) before t_request + silence, so this output may go out
+                # until then even if the lease cannot be renewed
+                arb.checkpoint_acked(t_request)
             # Output commit: the secondary holds the state that produced these bytes and
             # frames; it applies it even if this node dies now, before vmstate-loaded
             # (colo/secondary.py), so releasing here cannot show a client output that a
@@ -84,19 +96,32 @@ def run(colo, ch, checkpointer):
     _failover(colo, ch)
 
 
-def _wait_delay(colo, ch, params):
-    """Sleep x-checkpoint-delay, waking early on trigger; heartbeat while idle."""
+def _wait_delay(colo, ch, params, between=None):
+    """Sleep x-checkpoint-delay, waking early on trigger; heartbeat while idle;
+    `between()` (the pre-copy) every PRECOPY_EVERY (at least twice per delay)."""
     delay = params["x-checkpoint-delay"] / 1000.0
     hb = params["x-colo-heartbeat"] / 1000.0
-    deadline = time.monotonic() + delay
+    # under an arbiter the secondary calls us silent after `silence`: speak 4x as often
+    idle = min(IDLE_HEARTBEAT, colo.arbiter.silence_s / 4) if colo.arbiter else IDLE_HEARTBEAT
+    every = hb / 3 if hb else idle
+    now = time.monotonic()
+    deadline, next_hb = now + delay, now + every
     while True:
-        left = deadline - time.monotonic()
+        now = time.monotonic()
+        left = deadline - now
         if left <= 0 or colo.failover.state != FailoverState.NONE:
             break
-        if colo.trigger.wait(min(left, hb / 3 if hb else IDLE_HEARTBEAT)):
+        step = min(left, next_hb - now)
+        if between is not None:
+            step = min(step, max(PRECOPY_EVERY / 4, min(PRECOPY_EVERY, delay / 2)))
+        if colo.trigger.wait(max(step, 0)):
             break
-        if time.monotonic() < deadline:
+        if between is not None and time.monotonic() < deadline:
+            between()
+        now = time.monotonic()
+        if now < deadline and now >= next_hb:
             ch.send_msg(Msg.HEARTBEAT)
+            next_hb = now + every
     colo.trigger.clear()
 
 
@@ -107,15 +132,23 @@ def _account(colo, checkpoint_id, cap, sent, raw, latency_ms):
     s.last_pause_ms = pause_ms
     s.total_pause_ms += pause_ms
     s.max_pause_ms = max(s.max_pause_ms, pause_ms)
-    s.last_dirty_pages = len(cap.pfns)
+    s.last_dirty_pages = cap.dirty
+    s.last_mode = cap.mode
+    s.last_hot_pages = cap.hot
+    s.last_cow_pages = cap.cow
+    s.last_wp_faults = cap.faults
+    s.last_unchanged_pages = cap.skipped
     s.last_bytes = sent
     s.last_raw = raw
     s.total_bytes += sent
     s.last_latency_ms = latency_ms
     data = {"id": checkpoint_id, "pause-ms": round(pause_ms, 3),
-            "dirty-pages": len(cap.pfns), "bytes": sent, "raw-bytes": raw,
+            "dirty-pages": cap.dirty, "bytes": sent, "raw-bytes": raw,
             "compression-ratio": round(raw / sent, 3) if sent else 0.0,
-            "latency-ms": round(latency_ms, 3)}
+            "latency-ms": round(latency_ms, 3), "mode": cap.mode,
+            "hot-pages": cap.hot, "cow-pages": cap.cow, "pause-copied-pages": cap.in_pause,
+            "unchanged-pages": cap.skipped, "wp-faults": cap.faults,
+            "pause-steps-us": {k: round(v, 1) for k, v in cap.steps_us.items()}}
     data.update(colo.network.checkpoint_figures(cap))
     colo.emit("COLO_CHECKPOINT", data)
 
@@ -155,3 +188,5 @@ def _stopped_by_takeover(colo, exc):
     colo.exit_event("error")
     colo.leave()
     colo.migration_over()
+    if colo.arbiter is not None:
+        colo.arbiter.peer_took_over()

@@ -52,9 +52,10 @@ def run(colo, ch):
             m.memory.harvest()          # from here on, its own writes are what it dirties
             m.resume("colo")
         ch.send_msg(Msg.CHECKPOINT_READY)
+        silence = colo.arbiter.silence_s if colo.arbiter is not None else SILENCE_TIMEOUT
         while colo.failover.state == FailoverState.NONE:
             hb = params["x-colo-heartbeat"]
-            ch.set_timeout(hb / 1000.0 if hb else SILENCE_TIMEOUT)
+            ch.set_timeout(hb / 1000.0 if hb else silence)
             msg = ch.recv_msg()
             if msg == Msg.CHECKPOINT_REQUEST:
                 if colo.hybrid:
@@ -97,6 +98,8 @@ def run(colo, ch):
             else:
                 raise StreamError("COLO protocol: unexpected %s" % msg.name)
     except (PeerLost, StreamError, ColocoreError, OSError) as exc:
+        # the last byte from the primary (an arbiter waits `silence` from there)
+        colo.last_heard = ch.last_heard
         if colo.failover.state == FailoverState.NONE:
             colo.peer_lost(exc)
         else:

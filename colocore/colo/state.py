@@ -7,6 +7,9 @@ It is given only what it uses: the machine, the migration settings, `emit(event,
 `migration_over()` (the migration that turned into COLO is finished) and `network`, the
 network side of COLO (net/colo_net.py: the primary's mirror, the secondary's input log
 and replay), which the colo package reaches only through the hooks NoNetwork lists.
+Under `--arbiter`, `arbiter` is the node's control/arbiter.py object: it decides what
+peer_lost() does, and the loops tell it about acknowledged checkpoints (duck-typed: colo
+imports no arbiter).
 """
 import logging
 import threading
@@ -67,6 +70,11 @@ class ColoStats:
         self.verify_mismatches = 0
         self.verified = 0
         self.reverted_pages = 0           # hybrid secondary: its own writes undone by loads
+        self.last_mode = ""               # the primary's pause mode (checkpoint.pause_mode)
+        self.last_hot_pages = 0
+        self.last_cow_pages = 0
+        self.last_wp_faults = 0
+        self.last_unchanged_pages = 0
 
     @property
     def mean_pause_ms(self):
@@ -103,6 +111,8 @@ class Colo:
         self.secondary_done = threading.Event()   # the secondary loop has returned
         self.takeover_done = threading.Event()
         self.quitting = threading.Event()
+        self.arbiter = None               # control/arbiter.py under --arbiter
+        self.last_heard = 0.0             # secondary: when the primary's last byte came
         self.unusable = None              # why this secondary may not take over, if so
         self.cache = None                 # hybrid secondary: RAM as of the last checkpoint
 
@@ -161,7 +171,11 @@ class Colo:
 
     def run_primary(self, ch, checkpointer):
         """The checkpoint loop, on the migration thread; returns when COLO ended."""
-        primary.run(self, ch, checkpointer)
+        try:
+            primary.run(self, ch, checkpointer)
+        finally:
+            # COLO is over (failover, error, quit): no page may stay write-protected
+            checkpointer.close()
 
     def run_secondary(self, ch):
         """The COLO incoming loop, on the incoming thread; returns when COLO ended."""
@@ -183,6 +197,8 @@ class Colo:
         if self.reason == "none":
             self.reason = "request"
         log.info("COLO %s: failover requested%s", self.mode, " (automatic)" if auto else "")
+        if self.arbiter is not None and not auto:
+            self.arbiter.operator_failover(self.mode)
         if self.mode == "primary":
             # the migration thread notices at its next step; closing the channel wakes it
             self.trigger.set()
@@ -207,8 +223,15 @@ class Colo:
         self.peer_error = str(error)
         if self.failover.state != FailoverState.NONE:
             return
+        arb = self.arbiter
+        if arb is not None and arb.lost:
+            return                        # lost_key() stopped this node already
         self.reason = "error"
         self.exit_event("error")
+        if arb is not None and arb.override is None:
+            # the arbiter decides (failover.py: may_decide_alone's arbiter rule)
+            self._arbiter_decides(arb, error)
+            return
         decide, why = may_decide_alone(self.mode, getattr(error, "closed", False),
                                        self.settings.parameters["x-colo-heartbeat"])
         if decide:
@@ -223,6 +246,49 @@ class Colo:
                   "here to %s", self.mode, error,
                   "running, output held" if self.mode == "primary" else "at its last complete checkpoint",
                   "serve alone" if self.mode == "primary" else "take over")
+
+    def _arbiter_decides(self, arb, error):
+        def auto():
+            try:
+                self.request_failover(auto=True)
+            except ColocoreError:
+                pass
+        if self.mode == "primary":
+            log.error("COLO primary: lost the secondary (%s); serving alone once etcd confirms "
+                      "that it may no longer take over", error)
+            arb.primary_lost_secondary(auto)
+        else:
+            log.error("COLO secondary: lost the primary (%s); taking over if its lease expires "
+                      "and this node wins the key", error)
+            arb.secondary_lost_primary(self.last_heard, lambda: self.failover.state != FailoverState.NONE,
+                                       auto)
+
+    def lost_key(self, reason):
+        """The arbiter's key is someone else's: as after a TAKEOVER message, the guest stops
+        and nothing it produced is released any more (the fence is closed for ever)."""
+        m = self.machine
+        self.peer_error = "lost the key: %s" % reason
+        self.reason = "error"
+        try:
+            if m.runstate == "running":
+                m.pause("paused")
+        except ColocoreError as perr:
+            log.error("arbiter: could not stop the guest: %s", perr)
+        log.error("arbiter: this node lost the key (%s); its guest is stopped so that only "
+                  "one copy serves; it quits shortly", reason)
+        if self.mode != "none":
+            self.exit_event("error")
+            was = self.mode
+            ch = self.channel
+            if ch is not None:
+                ch.close()
+            self.leave()
+            if was == "primary":
+                self.migration_over()
+
+    def mark_stale(self, reason):
+        """A secondary whose copy may never serve: the primary went on without it."""
+        self.peer_error = "stale: %s" % reason
 
     def close(self):
         self.quitting.set()

@@ -20,7 +20,8 @@ def version_info():
 
 class Commands:
     def __init__(self, machine, settings, migration, colo, emit, request_quit, announce=None,
-                 migrate_incoming=None):
+                 migrate_incoming=None, arbiter=None):
+        self.arbiter = arbiter          # control/arbiter.py under --arbiter
         self.machine = machine
         self._migrate_incoming = migrate_incoming
         self.settings = settings
@@ -87,7 +88,7 @@ class Commands:
             self.settings.set_capability(name, state)
 
     def query_migrate_parameters(self):
-        return dict(self.settings.parameters)
+        return self.settings.query_parameters()
 
     def migrate_set_parameters(self, values):
         """{name: value}: all or nothing (every value is checked before one is set)."""
@@ -139,7 +140,12 @@ class Commands:
                               "last-bytes": st.last_bytes,
                               "total-bytes": st.total_bytes,
                               "last-latency-ms": round(st.last_latency_ms, 3),
-                              "compression-ratio": round(st.compression_ratio, 3)}
+                              "compression-ratio": round(st.compression_ratio, 3),
+                              "pause-mode": st.last_mode,
+                              "last-hot-pages": st.last_hot_pages,
+                              "last-cow-pages": st.last_cow_pages,
+                              "last-wp-faults": st.last_wp_faults,
+                              "last-unchanged-pages": st.last_unchanged_pages}
         if mig.channel_security is not None:
             # colocore's: whether the channel is authenticated, and as whom
             info["x-channel"] = mig.channel_security.as_dict()
@@ -153,7 +159,10 @@ class Commands:
         self.colo.request_failover()
 
     def query_colo_status(self):
-        return self.colo.status()
+        st = self.colo.status()
+        if self.arbiter is not None:
+            st["arbiter"] = self.arbiter.status()
+        return st
 
     # ---- the network card -------------------------------------------------------------
 
@@ -175,3 +184,22 @@ class Commands:
         """QEMU's announce-self: RARP rounds from the guest's MAC, and ANNOUNCE."""
         self._nic()
         self.announce()
+
+    # ---- the arbiter ------------------------------------------------------------------
+
+    def _need_arbiter(self, what):
+        if self.arbiter is None:
+            raise ColocoreError("%s needs --arbiter (standbys register there); without it: "
+                                "migrate_set_capability x-colo on, then migrate tcp:HOST:PORT"
+                                % what)
+        return self.arbiter
+
+    def x_colo_protect(self, standby=None):
+        """Protect this node (serving alone) onto a registered standby; the guest serves on
+        during the initial copy. Returns the standby used."""
+        return self._need_arbiter("colo_protect").protect(standby)
+
+    def query_colo_standbys(self):
+        """The registered standbys, the one x_colo_protect would use first."""
+        return [{"name": s["name"], "id": s["id"], "uri": s["uri"], "next": i == 0}
+                for i, s in enumerate(self._need_arbiter("query-colo-standbys").ordered_standbys())]

@@ -11,9 +11,11 @@ import logging
 import shlex
 
 from colocore import __version__
+from colocore.control.arbiter import format_arbiter, register_arbiter_hmp
 from colocore.control.hmp_net import format_colo_net, format_network
 from colocore.errors import ColocoreError
-from colocore.migration.params import PARAMETERS, PARAMETER_ORDER, TLS_PARAMETERS
+from colocore.control.pause import STRING_PARAMETERS, format_pause, format_string_parameter
+from colocore.migration.params import PARAMETERS, PARAMETER_ORDER
 
 log = logging.getLogger("colocore.monitor")
 
@@ -60,7 +62,7 @@ def format_migrate(info):
                   "colo last dirty pages: %d" % colo["last-dirty-pages"],
                   "colo last bytes: %d" % colo["last-bytes"],
                   "colo last latency: %.3f ms" % colo["last-latency-ms"],
-                  "colo compression ratio: %.2f" % colo["compression-ratio"]]
+                  "colo compression ratio: %.2f" % colo["compression-ratio"]] + format_pause(colo)
     channel = info.get("x-channel")
     if channel is not None:
         lines.append("channel: %s" % format_channel(channel))
@@ -84,7 +86,7 @@ def format_capabilities(caps):
 
 
 def format_parameters(params):
-    return "\n".join("%s: '%s'" % (name, params[name]) if name in TLS_PARAMETERS else
+    return "\n".join(format_string_parameter(name, params) if name in STRING_PARAMETERS else
                      "%s: %d %s" % (name, params[name], PARAMETERS[name][1])
                      for name in PARAMETER_ORDER)
 
@@ -102,6 +104,8 @@ def format_colo(st):
         lines.append("verified checkpoints: %d, mismatches: %d"
                      % (st["verified"], st["verify-mismatches"]))
     lines += format_colo_net(st.get("net"))
+    if "arbiter" in st:
+        lines += format_arbiter(st["arbiter"])
     return "\n".join(lines)
 
 
@@ -188,6 +192,8 @@ class Hmp:
                 ("announce_self", "announce the guest's MAC on the network (RARP rounds "
                  "and the virtio-net ANNOUNCE bit)", ops.announce_self)):
             self.command(name, "", helptext)(no_args(fn))
+
+        register_arbiter_hmp(self, ops)       # info colo_standbys, colo_protect
 
         @self.command("migrate", "[-d] uri", "migrate to URI (file:PATH or tcp:HOST:PORT); -d: do not wait")
         async def _migrate(args):

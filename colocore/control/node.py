@@ -12,8 +12,12 @@ import os
 import signal
 import time
 
+from colocore_ext.capture import uffd_wp_support
+
+from colocore.arbiter import parse_arbiter
 from colocore.colo.checkpoint import Checkpointer
 from colocore.colo.state import Colo, colo_supported
+from colocore.control.arbiter import ColoArbiter
 from colocore.control.chardev import Chardev, parse_chardev
 from colocore.control.commands import Commands
 from colocore.control.hmp import Hmp, attach_monitor, format_status
@@ -98,6 +102,14 @@ class Node:
         self.nic_spec = parse_nic(args.nic) if getattr(args, "nic", None) else None
         self.nic_backend = None
         self.colo_net = None
+        self.exit_status = 0
+        self.arbiter = None
+        if getattr(args, "arbiter", None):
+            spec = parse_arbiter(args.arbiter)
+            if spec.role == "standby" and not str(args.incoming or "").startswith("tcp:"):
+                raise ColocoreError("--arbiter role=standby waits for a primary: give "
+                                    "--incoming tcp:HOST:PORT (and no --kernel)")
+            self.arbiter = ColoArbiter(spec, self.name)
 
     # ---- events ------------------------------------------------------------------
 
@@ -152,6 +164,15 @@ class Node:
             m.boot(a.kernel, a.append or "")
         m.console_out.attach(self.loop.call_soon_threadsafe)
         m.serial_out.attach(self.loop.call_soon_threadsafe)
+        if self.arbiter is not None:
+            # before the guest runs: no byte leaves unless the arbiter says this node serves
+            self.arbiter.attach(m, self.colo, self.migration, self.settings, self.loop,
+                                self.emit_event, self._leave)
+            if tcp_incoming:
+                self.arbiter.start_incoming(tcp_incoming, mem)
+            else:
+                self.arbiter.start_serving()
+            self.arbiter.auto_protect_tick()
         # A destination opens its guest chardevs only when it starts serving: before
         # that, a client must not talk to a guest that is not the live one.
         await self._open_chardevs(("monitor", "qmp") if tcp_incoming
@@ -187,7 +208,9 @@ class Node:
             self.colo_net = ColoNet(m, self.nic_backend, self.nic_spec, self.emit_event)
             if tcp_incoming:
                 self.colo_net.start_log()
-        self.settings = MigrationSettings(colo_supported=colo_supported(m), objects=self.objects)
+        ok, _features, reason = uffd_wp_support()
+        self.settings = MigrationSettings(colo_supported=colo_supported(m), objects=self.objects,
+                                          cow_support=(ok, reason))
         verify = bool(getattr(self.args, "colo_verify", False))
         self.colo = Colo(m, self.settings, self.emit_event, serve=self._serve_from_thread,
                          migration_over=lambda: self.migration.colo_finished(), verify=verify,
@@ -202,7 +225,7 @@ class Node:
         self.deferred_incoming = tcp_incoming == "defer"
         self.commands = Commands(m, self.settings, self.migration, self.colo,
                                  self.emit_event, self.request_quit, announce=self.announce_nic,
-                                 migrate_incoming=self.migrate_incoming)
+                                 migrate_incoming=self.migrate_incoming, arbiter=self.arbiter)
         self.hmp = Hmp(self.commands)
 
     def _make_incoming(self, listener):
@@ -210,6 +233,8 @@ class Node:
                                  set_status=self.migration.set_incoming_status,
                                  on_done=self._serve_from_thread,
                                  on_colo=self.colo.run_secondary)
+        if self.arbiter is not None:
+            self.arbiter.attach_incoming(self.incoming)
 
     def _listen(self, uri, secure):
         """The incoming listener, with the TLS hook (settings' tls-creds at the time it
@@ -308,6 +333,11 @@ class Node:
 
     # ---- the life of the process -----------------------------------------------------
 
+    def _leave(self, status):
+        """Any thread: quit with this exit status (the arbiter: this node stops serving)."""
+        self.exit_status = status
+        self.request_quit()
+
     def request_quit(self):
         if self.quit_event is not None:
             self.loop.call_soon_threadsafe(self.quit_event.set)
@@ -324,6 +354,8 @@ class Node:
             self.incoming.close()
         if self.colo is not None:
             self.colo.close()
+        if self.arbiter is not None:
+            self.arbiter.close()        # the fence closes before the lease goes back
         if self.machine is not None:
             self.machine.close()
         if self.colo_net is not None:

@@ -21,7 +21,7 @@ import logging
 from colocore.control.commands import version_info
 from colocore.control.jsonframer import MAX_MESSAGE, JsonFramer
 from colocore.errors import ColocoreError, QmpError
-from colocore.migration.params import PARAMETERS, TLS_PARAMETERS
+from colocore.migration.params import CHOICES, PARAMETERS, TLS_PARAMETERS
 
 log = logging.getLogger("colocore.qmp")
 
@@ -106,6 +106,11 @@ class QmpCommands:
         plain("query-colo-status", ops.query_colo_status)
         plain("announce-self", ops.announce_self)
         plain("x-query-net", ops.query_net)
+        plain("query-colo-standbys", ops.query_colo_standbys)
+
+        @self.command("x-colo-protect", standby=("str", False))
+        def _protect(session, args):
+            return ops.x_colo_protect(args.get("standby"))
 
         @self.command("migrate-set-capabilities", capabilities=("list", True))
         def _set_caps(session, args):
@@ -123,6 +128,7 @@ class QmpCommands:
             return {}
 
         @self.command("migrate-set-parameters", **{n: ("int", False) for n in PARAMETERS},
+                      **{n: ("str", False) for n in CHOICES},
                       **{n: ("strornull", False) for n in TLS_PARAMETERS})
         def _set_params(session, args):
             ops.migrate_set_parameters(args)

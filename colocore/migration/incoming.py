@@ -53,6 +53,11 @@ class Incoming:
         self.set_status = set_status      # the destination's migration status
         self.on_done = on_done
         self.on_colo = on_colo
+        # set by an arbiter: checks the MACHINE section of a COLO stream (raises to
+        # refuse), hears of a failed attempt, and bounds a stalled copy
+        self.check_colo = None
+        self.on_failed = None
+        self.timeout = STREAM_TIMEOUT
         self.listener = listener
         self.thread = None
         self.error = None
@@ -133,6 +138,8 @@ class Incoming:
         if claimed:
             self._scrub()
         self.set_status("failed")
+        if self.on_failed is not None:
+            self.on_failed()
 
     def _claim(self, arrival, info):
         """A valid MACHINE section arrived: this connection's migration may begin, unless
@@ -152,7 +159,7 @@ class Incoming:
             ch.shut("a migration from %s is already arriving here" % other)
             raise Busy("a migration from %s is already arriving" % other)
         ch.set_deadline(None)
-        ch.set_timeout(STREAM_TIMEOUT)
+        ch.set_timeout(self.timeout)
         log.info("incoming migration from %s", ch.peer)
         self.set_status("active")
 
@@ -212,10 +219,27 @@ class Incoming:
                 reason = "COLO is not supported on the secondary's host"
                 ch.shut(reason)
                 raise ColocoreError(reason)
+            if self.check_colo is not None:
+                try:
+                    self.check_colo(info)
+                except ColocoreError as exc:
+                    ch.shut(str(exc))
+                    raise
             # learnt from the stream: the primary decides how the pair works
             self.settings.capabilities["x-colo"] = True
             self.settings.capabilities["x-colo-hybrid"] = bool(
                 info.get("capabilities", {}).get("x-colo-hybrid"))
+            # a secondary that takes over protects itself the way its primary did: the
+            # same checkpoint delay and compression (checked like an operator's values)
+            delay = (info.get("parameters") or {}).get("x-checkpoint-delay")
+            if delay is not None:
+                try:
+                    self.settings.set_parameter(
+                        "x-checkpoint-delay", self.settings.check_parameter("x-checkpoint-delay", delay))
+                except ColocoreError:
+                    pass
+            if (info.get("capabilities") or {}).get("compress"):
+                self.settings.capabilities["compress"] = True
 
     def close(self):
         self.closing = True

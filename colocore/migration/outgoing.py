@@ -54,6 +54,10 @@ class Migration:
         # prepare_colo(): called before an x-colo migration sends anything (the network
         # mirror is set up then); returns what undoes it if COLO is not reached
         self.prepare_colo = prepare_colo or (lambda: (lambda: None))
+        # set by an arbiter: what the secondary must learn in the MACHINE section, and how
+        # long a copy to a standby may stall before it is given up
+        self.colo_info = None
+        self.stall_timeout = LOADED_TIMEOUT
         self.status = "none"
         self.error = None
         self._lock = threading.Lock()
@@ -248,10 +252,16 @@ class Migration:
         self.setup_ms = (t_setup - self.start_time) * 1000
         try:
             self.set_status("active")
-            ch.set_timeout(LOADED_TIMEOUT)
+            ch.set_timeout(self.stall_timeout)
             ch.send(stream.header())
             w = units.UnitWriter(ch.send)
-            w.json(Section.MACHINE, dict(m.machine_info(), **{"x-colo": colo, "capabilities": caps}))
+            info = dict(m.machine_info(), **{
+                "x-colo": colo, "capabilities": caps,
+                # what a secondary that takes over protects itself with
+                "parameters": {"x-checkpoint-delay": params["x-checkpoint-delay"]}})
+            if colo and self.colo_info is not None:
+                info["arbiter"] = self.colo_info()
+            w.json(Section.MACHINE, info)
             mem = m.memory
             staging = bytearray(BATCH_PAGES * PAGE)
             was_running = m.runstate == "running"

@@ -91,6 +91,7 @@ class Channel:
         self.closed = False
         self.deadline = None
         self._timeout = sock.gettimeout()
+        self.last_heard = time.monotonic()
         self.reader = stream.Reader(self._read_exact, "migration stream from %s" % peer)
 
     @classmethod
@@ -209,6 +210,8 @@ class Channel:
             if k == 0:
                 raise EOFError
             got += k
+            # an arbiter's secondary waits a silence out from the very last byte it got
+            self.last_heard = time.monotonic()
         return bytes(buf)
 
     def read_exact(self, n):

@@ -4,7 +4,9 @@ A primary and a secondary on loopback, x-colo on; a client writes keys to the pr
 while checkpoints flow (one line per checkpoint); the primary is killed with SIGKILL;
 `x_colo_lost_heartbeat` on the secondary; every key the client saw `OK` for is read back
 there; a summary; exit 0 only if nothing was lost. `--snapshot` runs the single-node
-save-to-file / restore job instead.
+save-to-file / restore job instead. `--auto` tells the same story under an etcd arbiter
+with nobody typing a COLO command: protection onto a registered standby, failover after
+SIGKILL, re-protection onto the next standby, a second SIGKILL.
 """
 import json
 import os
@@ -16,7 +18,8 @@ from colocore.clients.kv import KvClient
 from colocore.clients.qmp import QmpClient
 from colocore.errors import ColocoreError
 from colocore.tools.load import KeyWriter
-from colocore.tools.procs import NodeSet, start_protected_pair, wait_until
+from colocore.tools.etcd import EtcdServer
+from colocore.tools.procs import NodeSet, free_port, start_protected_pair, wait_until
 
 
 class Printer:
@@ -36,6 +39,8 @@ def main(args):
     try:
         if args.snapshot:
             ok = run_snapshot(args.keys, out)
+        elif args.auto:
+            ok = run_auto(args.delay, args.seconds, out)
         else:
             ok = run_protected(args.keys, args.delay, args.seconds, out)
     except ColocoreError as exc:
@@ -143,3 +148,74 @@ def run_snapshot(nkeys, out):
         out.step("summary", ok=ok, keys_written=acked, keys_checked=len(keys),
                  keys_missing=len(missing), count_after_restore=count, count_after_more=count2)
         return ok
+
+
+# ---- colocore demo --auto: failover and re-protection decided by an etcd arbiter -----
+
+def _protected(st):
+    a = st.get("arbiter") or {}
+    return st["mode"] == "primary" and a.get("pair-recorded") and a.get("may-release")
+
+
+def run_auto(delay_ms, seconds, out, ttl_ms=1000):
+    """Three nodes on loopback and an etcd; after the start nobody types a COLO command."""
+    with NodeSet() as nodes:
+        etcd = EtcdServer(os.path.join(nodes.workdir, "etcd-data"))
+        try:
+            etcd.start()
+            key = "/demo/kvstore"
+            arb = "etcd:%s,key=%s,ttl=%d,protect=auto" % (etcd.url, key, ttl_ms)
+            out.step("etcd", url=etcd.url, pid=etcd.proc.pid, key=key, ttl_ms=ttl_ms)
+
+            def standby(name):
+                n = nodes.start(name, ["-m", "256M", "--incoming", "tcp:127.0.0.1:%d" % free_port(),
+                                       "--arbiter", arb + ",role=standby"])
+                n.wait_monitor()
+                return n
+            t0 = time.monotonic()
+            a = nodes.start("node-a", ["--kernel", "kvstore", "-m", "256M", "--arbiter", arb])
+            a.wait_monitor()
+            a.qmp("migrate-set-parameters", {"x-checkpoint-delay": delay_ms})
+            out.step("serving", node="node-a", pid=a.pid, holds=key)
+            b = standby("node-b")
+            wait_until(a, "query-colo-status", _protected, "protection", timeout=60)
+            out.step("protected", primary="node-a", secondary="node-b", by="protect=auto",
+                     ms=round((time.monotonic() - t0) * 1000))
+            acked = {}
+            ok = True
+            primary, secondary = a, b
+            for round_no in (1, 2):
+                writer = KeyWriter([primary.console], batch=32, prefix="r%dk" % round_no)
+                writer.start()
+                time.sleep(seconds / 2)
+                primary.kill(signal.SIGKILL)
+                t_kill = time.monotonic()
+                writer.stop()
+                acked.update(writer.acked)
+                out.step("crash", killed=primary.name, signal="SIGKILL", keys_acked=len(acked))
+                kv, first = _first_answer(secondary.console)
+                st = secondary.qmp("query-colo-status")
+                out.step("failover", node=secondary.name, automatic=True,
+                         first_answer_ms=round((first - t_kill) * 1000, 1),
+                         arbiter=st["arbiter"]["state"], holds=st["arbiter"]["holder"])
+                keys = list(acked)
+                replies = kv.pipeline(["GET %s" % k for k in keys], window=512) if keys else []
+                lost = [k for k, r in zip(keys, replies) if r != acked[k]]
+                kv.close()
+                out.step("check", node=secondary.name, keys_acknowledged=len(keys),
+                         keys_lost=len(lost))
+                ok = ok and not lost and bool(keys)
+                if round_no == 1:
+                    # the dead host's supervisor brings it back as a standby (contrib/systemd)
+                    spare = standby("node-c")
+                    t = time.monotonic()
+                    wait_until(secondary, "query-colo-status", _protected, "re-protection",
+                               timeout=60)
+                    out.step("reprotected", primary=secondary.name, secondary=spare.name,
+                             by="protect=auto", ms=round((time.monotonic() - t) * 1000))
+                    primary, secondary = secondary, spare
+            out.step("summary", ok=ok, failovers=2, operator_commands=0,
+                     keys_acknowledged=len(acked))
+            return ok
+        finally:
+            etcd.stop()

@@ -20,16 +20,51 @@ Guest networks (kvnet behind a tap): bridges in a host, hosts wired to a bridge,
         with lab.enter(c):
             sock = socket.create_connection(("10.0.0.2", 6379))
 
+Three or more hosts that must be cut apart pair by pair (primary, secondary, etcd) are
+joined by `mesh()`: one veth pair per pair of hosts, each host's address on its loopback
+and a host route to every peer over their own link, so `cut(a, b)` parts exactly those
+two and `isolate(a)` cuts a host from everyone:
+
+    p, s, e = lab.host("p", "10.77.0.1"), lab.host("s", "10.77.0.2"), lab.host("e", "10.77.0.3")
+    lab.mesh(p, s, e)
+    lab.cut(p, s)                  # p and s no longer reach each other; both reach e
+    lab.heal(p, s)
+
 Every namespace and link the lab creates is deleted on close, also after a failure.
 Needs root (CAP_NET_ADMIN).
 """
 import contextlib
+import ctypes
 import itertools
 import os
+import secrets
+import time
 
 from pyroute2 import IPRoute, NetNS, netns
 
 from colocore.errors import ColocoreError
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def _lookup(ipr, ifname, timeout=2.0):
+    """The index of `ifname`; a link just created or moved can take a moment to show."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = ipr.link_lookup(ifname=ifname)
+        if found:
+            return found[0]
+        if time.monotonic() > deadline:
+            raise ColocoreError("network link %s did not appear" % ifname)
+        time.sleep(0.01)
+
+
+def _setns(fd):
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "setns: %s" % os.strerror(err))
 
 
 class Host:
@@ -37,6 +72,7 @@ class Host:
         self.ns = ns
         self.address = address
         self.ifname = None
+        self.mesh_links = {}        # peer Host -> our end of the veth pair to it
 
 
 class Lab:
@@ -79,7 +115,7 @@ class Lab:
         with IPRoute() as ipr:
             ipr.link("add", ifname=names[0], kind="veth",
                      peer={"ifname": names[1], "net_ns_fd": b.ns})
-            ipr.link("set", index=ipr.link_lookup(ifname=names[0])[0], net_ns_fd=a.ns)
+            ipr.link("set", index=_lookup(ipr, names[0]), net_ns_fd=a.ns)
         return names
 
     def bridge(self, host, name, address=None, prefixlen=24, mtu=None):
@@ -136,12 +172,22 @@ class Lab:
     @contextlib.contextmanager
     def enter(host):
         """Run the calling thread inside the host's network namespace: sockets opened in
-        the block live there (and keep working after it)."""
-        netns.pushns(host.ns)
+        the block live there (and keep working after it). setns acts on the calling
+        thread only, and each thread keeps its own way back, so client threads on
+        different hosts can enter at the same time."""
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         try:
-            yield
+            target = os.open("/run/netns/%s" % host.ns, os.O_RDONLY)
+            try:
+                _setns(target)
+            finally:
+                os.close(target)
+            try:
+                yield host
+            finally:
+                _setns(own)
         finally:
-            netns.popns()
+            os.close(own)
 
     def set_link(self, host, up, ifname=None):
         """Bring a host's end of its link (or of `ifname`) up or down (down = a network
@@ -149,6 +195,64 @@ class Lab:
         with NetNS(host.ns) as n:
             n.link("set", index=n.link_lookup(ifname=ifname or host.ifname)[0],
                    state="up" if up else "down")
+
+    def mesh(self, *hosts):
+        """A veth pair between every two of `hosts`. Each host's address lives on its
+        loopback (/32) and reaches each peer by a host route over their own link, so a
+        link down parts exactly two hosts and nothing reroutes around it."""
+        tag = secrets.token_hex(2)       # another lab (another process) may be building too
+        for a in hosts:
+            with NetNS(a.ns) as n:
+                n.addr("add", index=n.link_lookup(ifname="lo")[0], address=a.address, prefixlen=32)
+        for i, a in enumerate(hosts):
+            for j in range(i + 1, len(hosts)):
+                b = hosts[j]
+                # both ends are created here, then each moves to its host by index
+                ends = {a: "m%s%d%d" % (tag, i, j), b: "m%s%d%d" % (tag, j, i)}
+                with IPRoute() as ipr:
+                    ipr.link("add", ifname=ends[a], kind="veth", peer=ends[b])
+                    for me in (a, b):
+                        ipr.link("set", index=_lookup(ipr, ends[me]), net_ns_fd=me.ns)
+                for me, peer in ((a, b), (b, a)):
+                    me.mesh_links[peer] = ends[me]
+                    with NetNS(me.ns) as n:
+                        idx = _lookup(n, ends[me])
+                        n.link("set", index=idx, state="up")
+                        # on-link host route: the peer answers ARP for its loopback address
+                        n.route("add", dst="%s/32" % peer.address, oif=idx, prefsrc=me.address,
+                                scope=253)
+
+    def _mesh_state(self, a, b, up):
+        if b not in a.mesh_links:
+            raise ColocoreError("hosts %s and %s are not joined by mesh()" % (a.ns, b.ns))
+        for me, peer in ((a, b), (b, a)):
+            with NetNS(me.ns) as n:
+                idx = _lookup(n, me.mesh_links[peer])
+                n.link("set", index=idx, state="up" if up else "down")
+                if up:
+                    # a link brought down loses its routes: put the host route back
+                    try:
+                        n.route("add", dst="%s/32" % peer.address, oif=idx,
+                                prefsrc=me.address, scope=253)
+                    except Exception as exc:  # noqa: BLE001 - only "exists" is expected
+                        if "exists" not in str(exc).lower():
+                            raise
+
+    def cut(self, a, b):
+        """A partition between two mesh hosts: both ends of their link go down."""
+        self._mesh_state(a, b, up=False)
+
+    def heal(self, a, b):
+        self._mesh_state(a, b, up=True)
+
+    def isolate(self, host):
+        """Cut `host` from every mesh peer (its machine is unplugged)."""
+        for peer in list(host.mesh_links):
+            self.cut(host, peer)
+
+    def rejoin(self, host):
+        for peer in list(host.mesh_links):
+            self.heal(host, peer)
 
     @staticmethod
     def exec_prefix(host):

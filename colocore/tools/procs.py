@@ -19,6 +19,7 @@ import time
 from colocore.clients.hmp import MonitorClient
 from colocore.clients.qmp import QmpClient
 from colocore.errors import ColocoreError
+from colocore.migration.params import pause_mode_parameters
 
 
 _PR_SET_PDEATHSIG = 1
@@ -246,12 +247,16 @@ def _poll(node, read, test, what, timeout, interval=0.02):
         time.sleep(interval)
 
 
-def protect(pri, uri, delay_ms=200, capabilities=(), timeout=60.0):
-    """x-colo (and `capabilities`) on, the checkpoint delay, migrate to `uri`, and wait
-    until the primary is in COLO. Returns the milliseconds that took."""
+def protect(pri, uri, delay_ms=200, capabilities=(), timeout=60.0, pause_mode=None):
+    """x-colo (and `capabilities`) on, the checkpoint delay (and the parameters of
+    `pause_mode`, a colo/checkpoint.py pause_mode name such as copy or hot+pre+cow),
+    migrate to `uri`, and wait until the primary is in COLO. Returns the milliseconds
+    that took."""
     pri.qmp("migrate-set-capabilities", {"capabilities": [
         {"capability": c, "state": True} for c in ("x-colo", *capabilities)]})
     pri.qmp("migrate-set-parameters", {"x-checkpoint-delay": delay_ms})
+    if pause_mode:
+        pri.qmp("migrate-set-parameters", pause_mode_parameters(pause_mode))
     t0 = time.perf_counter()
     pri.qmp("migrate", {"uri": uri})
     wait_until(pri, "query-migrate", lambda d: d["status"] in ("colo", "failed"),
@@ -264,8 +269,11 @@ def protect(pri, uri, delay_ms=200, capabilities=(), timeout=60.0):
 
 def start_protected_pair(nodes, kernel="kvstore", append="", mem="256M", delay_ms=200,
                          verify=False, primary_env=None, secondary_env=None,
-                         primary_extra=(), secondary_extra=(), capabilities=()):
-    """A primary and a secondary on loopback, x-colo on, in COLO. Returns (pri, sec)."""
+                         primary_extra=(), secondary_extra=(), capabilities=(),
+                         pause_mode=None):
+    """A primary and a secondary on loopback, x-colo on, in COLO. Returns (pri, sec).
+    `pause_mode` (default: the NodeSet's `pause_mode` attribute, else the engine's
+    default) is a colo/checkpoint.py pause_mode name, e.g. copy or hot+pre+cow."""
     uri = "tcp:127.0.0.1:%d" % free_port()
     verify_arg = ["--colo-verify"] if verify else []
     sec = nodes.start("secondary", ["-m", mem, "--incoming", uri, *verify_arg, *secondary_extra],
@@ -276,6 +284,7 @@ def start_protected_pair(nodes, kernel="kvstore", append="", mem="256M", delay_m
     pri = nodes.start("primary", pri_args, env=primary_env)
     sec.wait_monitor()
     pri.wait_monitor()
-    protect(pri, uri, delay_ms, capabilities)
+    protect(pri, uri, delay_ms, capabilities,
+            pause_mode=pause_mode or getattr(nodes, "pause_mode", None))
     wait_until(sec, "query-colo-status", lambda d: d["mode"] == "secondary", "COLO secondary")
     return pri, sec

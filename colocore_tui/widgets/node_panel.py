@@ -67,6 +67,10 @@ class NodePanel(Static):
         if view.channel:
             secure = view.channel.startswith("tls") and "authenticated as" in view.channel
             grid.add_row("channel", _value(view.channel, stale or ("green" if secure else "yellow")))
+        if view.arbiter:
+            state = view.arbiter.split(",")[0]
+            grid.add_row("arbiter", _value(view.arbiter, stale or (
+                "green" if state == "healthy" else "bold red")))
         if view.pid is not None:
             cpu = "-" if view.cpu_percent is None else "%.0f%%" % view.cpu_percent
             rss = "-" if view.rss_bytes is None else "%d MiB" % (view.rss_bytes >> 20)

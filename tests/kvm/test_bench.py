@@ -46,28 +46,44 @@ def _alive(pid):
 
 def test_checkpoint_quick():
     rows = _bench("checkpoint", "--quick")
-    assert {(r["wss"], r["delay_ms"], r["tls"]) for r in rows} == {
-        (0, 200, False), (0, 25, False), (1000, 200, False), (1000, 25, False),
-        (1000, 200, True), (1000, 25, True)}
+    assert {(r["pattern"], r["mode"], r["wss"], r["delay_ms"], r["tls"]) for r in rows} == {
+        ("hot", "copy", 1000, 50, False), ("hot", "hot+pre+cow", 1000, 50, False),
+        ("hot", "hot+pre+cow", 1000, 50, True), ("scan", "copy", 1000, 50, False),
+        ("scan", "hot+pre+cow", 1000, 50, False)}
     for r in rows:
         if r["tls"]:       # what TLS costs, against the plain pair of the same run
             assert r["tls_latency_vs_plain"] > 0 and r["tls_pause_vs_plain"] > 0
     for r in rows:
         for key in ("wss", "delay_ms", "pause_ms_p50", "pause_ms_p99", "memcpy_ms",
-                    "progress_ratio", "bytes_per_checkpoint"):
+                    "progress_ratio", "bytes_per_checkpoint", "hot_pages",
+                    "wp_faults_per_checkpoint", "kernel"):
             assert key in r
+        assert r["modes_used"] == [r["mode"]]          # the node ran the mode asked for
         assert r["checkpoints"] >= 2
         assert 0 < r["pause_ms_p50"] <= r["pause_ms_p90"] <= r["pause_ms_p99"] <= r["pause_ms_max"]
         assert r["latency_ms_p50"] > 0
         assert r["bytes_per_checkpoint"] > 0 and r["compression_ratio"] > 0
         assert r["progress_ratio"] > 0 and min(r["rate_unprotected"]) > 0
         assert len(r["rate_unprotected"]) == 2 and len(r["rate_protected"]) == 1
-        assert r["memcpy_ms"] == 0 if r["wss"] == 0 else r["memcpy_ms"] > 0
-    big = [r for r in rows if r["wss"] == 1000]
-    # every pass of the guest rewrites its 1,000 pages: each checkpoint carries them all
-    assert all(r["dirty_pages_p50"] >= 1000 for r in big)
+        assert r["memcpy_ms"] > 0 and r["wp_faults_per_checkpoint"] >= 0
+        if r["mode"] == "copy":
+            assert r["hot_pages"] == 0 and r["wp_faults_per_checkpoint"] == 0
+    hot = [r for r in rows if r["pattern"] == "hot"]
+    # every pass of the guest rewrites its 1,000 pages: each checkpoint carries them all,
+    # and the default mode keeps them writable
+    assert all(r["dirty_pages_p50"] >= 1000 for r in hot)
+    kept = [r["hot_pages"] for r in hot if r["mode"] != "copy"]
+    assert len(kept) == 2 and min(kept) >= 1000, kept
     assert all(r["bytes_per_checkpoint"] > 1000 * 4096 // 2 or r["compression_ratio"] > 1.5
-               for r in big)
+               for r in hot)
+
+
+def test_checkpoint_refuses_unknown_modes_and_patterns():
+    for args, text in ((("--modes", "fast"), "unknown pause mode 'fast'"),
+                       (("--patterns", "zigzag"), "unknown pattern 'zigzag'")):
+        proc = subprocess.run([sys.executable, "-m", "colocore", "bench", "checkpoint", *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and text in proc.stderr, proc.stderr
 
 
 def test_failover_two_trials():

@@ -2,7 +2,10 @@
 hashes of secondary and primary at every checkpoint (--colo-verify).
 
 The invariant: every key a client saw `OK` for is readable on the secondary after it
-took over, wherever in the checkpoint cycle the primary died.
+took over, wherever in the checkpoint cycle the primary died. Every test that runs
+checkpoints does so in both pause modes (the `pause_mode` fixture): the engine's default
+(hot pages kept writable, pre-copy, copy-on-write after the pause) and plain copy (every
+dirty page copied and re-protected inside the pause).
 """
 import os
 import re
@@ -23,6 +26,13 @@ def wait_for_log(node, text, timeout=10):
     while text not in node.log_tail(60):
         assert time.monotonic() < deadline, "%r never logged; log:\n%s" % (text, node.log_tail())
         time.sleep(0.05)
+
+
+@pytest.fixture(params=["hot+pre+cow", "copy"])
+def pause_mode(request, nodes):
+    """The primary's pause mode for start_protected_pair (see checkpoint.pause_mode)."""
+    nodes.pause_mode = request.param
+    return request.param
 
 
 def _checkpoints(node):
@@ -71,6 +81,14 @@ def test_capabilities_and_parameters_words(nodes):
         assert line in params
     assert node.hmp("migrate_set_parameter x-checkpoint-delay 50") == ""
     assert "x-checkpoint-delay: 50 ms" in node.hmp("info migrate_parameters")
+    # the pause: copy-on-write where this host has userfaultfd write-protect (it does)
+    for line in ("x-colo-pause: cow", "x-colo-hot-pages: 16384 pages",
+                 "x-colo-precopy: 256 pages"):
+        assert line in params
+    assert node.hmp("migrate_set_parameter x-colo-pause copy") == ""
+    assert "x-colo-pause: copy" in node.hmp("info migrate_parameters")
+    assert node.hmp("migrate_set_parameter x-colo-pause later") == (
+        "Error: Parameter 'x-colo-pause' expects one of cow, copy, got 'later'")
     assert node.hmp("migrate_set_parameter xbzrle-cache-size 1000").startswith("Error:")
     assert node.hmp("migrate_set_parameter nope 1").startswith("Error: Parameter 'nope' not found")
     assert node.hmp("migrate_set_capability nope on").startswith("Error: Capability 'nope' not found")
@@ -78,11 +96,12 @@ def test_capabilities_and_parameters_words(nodes):
     assert node.hmp("info colo").startswith("COLO mode: none")
 
 
-def test_protect_then_kill_primary_at_random_moments(nodes):
+def test_protect_then_kill_primary_at_random_moments(nodes, pause_mode):
     pri, sec = start_protected_pair(nodes, delay_ms=30, verify=True)
     w = KeyWriter([pri.console], prefix="w", timeout=30)
     w.start()
     w.wait_acked(500)
+    assert "colo pause mode: %s" % pause_mode in pri.hmp("info migrate")
     # a moment that is not aligned with the checkpoint cycle
     time.sleep(0.013 * (1 + w.count % 7))
     pri.kill(signal.SIGKILL)
@@ -94,7 +113,7 @@ def test_protect_then_kill_primary_at_random_moments(nodes):
 
 
 @pytest.mark.parametrize("point", faults.POINTS)
-def test_primary_dies_at_each_protocol_step(nodes, point):
+def test_primary_dies_at_each_protocol_step(nodes, point, pause_mode):
     crash_at = 4
     pri, sec = start_protected_pair(nodes, delay_ms=30, verify=True,
                                     primary_env={"COLOCORE_CRASH_AT": "%s:%d" % (point, crash_at)})
@@ -113,7 +132,7 @@ def test_primary_dies_at_each_protocol_step(nodes, point):
     _take_over_and_check(sec, dict(w.acked))
 
 
-def test_secondary_dies_primary_keeps_serving(nodes):
+def test_secondary_dies_primary_keeps_serving(nodes, pause_mode):
     """The secondary's process dies: its end of the channel closes, so it can never serve
     a newer state; the primary leaves COLO by itself and its clients get their answers."""
     pri, sec = start_protected_pair(nodes, delay_ms=30, verify=True)
@@ -130,11 +149,11 @@ def test_secondary_dies_primary_keeps_serving(nodes):
     assert "the secondary is gone" in pri.log_tail()
 
 
-def test_silent_secondary_holds_output_until_the_operator_decides(nodes):
+def test_silent_secondary_holds_output_until_the_operator_decides(nodes, pause_mode):
     """A secondary that stops answering (SIGSTOP: like a dead host or a partition) cannot
     be told from one that might still take over: the primary's guest runs on but its
     output is held until x_colo_lost_heartbeat; then the held answers arrive."""
-    pri, sec = start_protected_pair(nodes, delay_ms=30)
+    pri, sec = start_protected_pair(nodes, delay_ms=30, verify=True)
     kv = KvClient(pri.console, timeout=30)
     assert kv.request("SET before stop") == "OK"
     os.kill(sec.pid, signal.SIGSTOP)        # NodeProcess.kill waits for an exit
@@ -153,7 +172,7 @@ def test_silent_secondary_holds_output_until_the_operator_decides(nodes):
         sec.kill(signal.SIGKILL)
 
 
-def test_secondary_takes_over_while_primary_lives_primary_stops(nodes):
+def test_secondary_takes_over_while_primary_lives_primary_stops(nodes, pause_mode):
     """Failover on a live pair (the operator chose the secondary): the secondary tells the
     primary, which stops its guest so that only one copy serves."""
     pri, sec = start_protected_pair(nodes, delay_ms=30, verify=True)
@@ -169,8 +188,8 @@ def test_secondary_takes_over_while_primary_lives_primary_stops(nodes):
     assert kv2.request("GET shared") == "1"
 
 
-def test_heartbeat_fails_over_by_itself(nodes):
-    pri, sec = start_protected_pair(nodes, delay_ms=30)
+def test_heartbeat_fails_over_by_itself(nodes, pause_mode):
+    pri, sec = start_protected_pair(nodes, delay_ms=30, verify=True)
     for n in (pri, sec):
         assert n.hmp("migrate_set_parameter x-colo-heartbeat 300") == ""
     kv = KvClient(pri.console)
@@ -182,8 +201,8 @@ def test_heartbeat_fails_over_by_itself(nodes):
     assert kv2.request("GET hb") == "1"
 
 
-def test_secondary_refuses_cont_and_migrate_while_in_colo(nodes):
-    pri, sec = start_protected_pair(nodes, delay_ms=30)
+def test_secondary_refuses_cont_and_migrate_while_in_colo(nodes, pause_mode):
+    pri, sec = start_protected_pair(nodes, delay_ms=30, verify=True)
     assert sec.hmp("info status") == "VM status: paused (colo)"
     assert sec.hmp("cont").startswith("Error: this is a COLO secondary")
     assert sec.hmp("migrate file:/tmp/never.snap").startswith("Error: cannot migrate")
@@ -191,8 +210,8 @@ def test_secondary_refuses_cont_and_migrate_while_in_colo(nodes):
     assert "COLO mode: secondary" in sec.hmp("info colo")
 
 
-def test_second_failover_request_is_an_error(nodes):
-    pri, sec = start_protected_pair(nodes, delay_ms=30)
+def test_second_failover_request_is_an_error(nodes, pause_mode):
+    pri, sec = start_protected_pair(nodes, delay_ms=30, verify=True)
     pri.kill(signal.SIGKILL)
     assert sec.hmp("x_colo_lost_heartbeat") == ""
     second = sec.hmp("x_colo_lost_heartbeat")
@@ -200,8 +219,8 @@ def test_second_failover_request_is_an_error(nodes):
     wait_for(sec, "info colo", "failover state: completed")
 
 
-def test_delay_change_triggers_a_checkpoint(nodes):
-    pri, sec = start_protected_pair(nodes, delay_ms=60000)
+def test_delay_change_triggers_a_checkpoint(nodes, pause_mode):
+    pri, sec = start_protected_pair(nodes, delay_ms=60000, verify=True)
     before = _checkpoints(pri)
     assert pri.hmp("migrate_set_parameter x-checkpoint-delay 59000") == ""
     deadline = time.monotonic() + 5
@@ -210,7 +229,7 @@ def test_delay_change_triggers_a_checkpoint(nodes):
         time.sleep(0.02)
 
 
-def test_xbzrle_and_compress_keep_the_copy_exact(nodes):
+def test_xbzrle_and_compress_keep_the_copy_exact(nodes, pause_mode):
     pri, sec = start_protected_pair(nodes, kernel="dirtier", append="wss=300", delay_ms=40,
                                     verify=True, capabilities=("xbzrle", "compress"))
     deadline = time.monotonic() + 20
@@ -220,6 +239,63 @@ def test_xbzrle_and_compress_keep_the_copy_exact(nodes):
     _assert_verified(sec)
     info = pri.hmp("info migrate")
     assert float(re.search(r"colo compression ratio: ([\d.]+)", info).group(1)) > 2, info
+
+
+@pytest.mark.parametrize("append", ["pattern=hot wss=2000", "pattern=scan wss=3000 interval=50",
+                                    "pattern=random wss=500 span=8000"],
+                         ids=["hot", "scan", "random"])
+def test_guest_write_patterns_keep_the_copy_exact(nodes, append, pause_mode):
+    """The three ways the dirtier writes (a hot working set, new pages every interval,
+    random pages) under 30 ms checkpoints: --colo-verify stays clean, and the default
+    mode keeps the hot working set writable."""
+    pri, sec = start_protected_pair(nodes, kernel="dirtier", append=append, delay_ms=30,
+                                    verify=True, capabilities=("compress",))
+    deadline = time.monotonic() + 30
+    while _checkpoints(pri) < 15:
+        assert time.monotonic() < deadline, pri.hmp("info migrate")
+        time.sleep(0.05)
+    _assert_verified(sec)
+    info = pri.hmp("info migrate")
+    assert "colo pause mode: %s" % pause_mode in info
+    hot = int(re.search(r"colo last hot pages: (\d+)", info).group(1))
+    if pause_mode == "copy":
+        assert hot == 0, info
+    elif append.startswith("pattern=hot"):
+        assert hot >= 2000, info
+
+
+# A host without userfaultfd for this process, made with the kernel's own means: a mount
+# namespace where /dev/userfaultfd is /dev/null, and no CAP_SYS_PTRACE (with
+# vm.unprivileged_userfaultfd=0, the syscall then refuses to trap kernel-mode faults).
+NO_UFFD = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+           'mount --bind /dev/null /dev/userfaultfd && exec setpriv --bounding-set=-sys_ptrace -- "$@"',
+           "sh"]
+
+
+@pytest.mark.net          # needs root: a mount namespace
+def test_without_userfaultfd_the_pause_copies_and_says_so(nodes):
+    port = free_port()
+    sec = nodes.start("secondary", ["-m", "256M", "--incoming", "tcp:127.0.0.1:%d" % port,
+                                    "--colo-verify"])
+    pri = nodes.start("primary", ["--kernel", "dirtier", "--append", "wss=500", "-m", "256M",
+                                  "--colo-verify"], prefix=NO_UFFD)
+    sec.wait_monitor()
+    pri.wait_monitor()
+    params = pri.hmp("info migrate_parameters")
+    assert "x-colo-pause: copy (no userfaultfd write-protect: userfaultfd() failed" in params
+    assert pri.hmp("migrate_set_parameter x-colo-pause cow").startswith(
+        "Error: x-colo-pause cow needs userfaultfd write-protect, which is not available here")
+    pri.hmp("migrate_set_capability x-colo on")
+    pri.hmp("migrate_set_parameter x-checkpoint-delay 30")
+    assert pri.hmp("migrate tcp:127.0.0.1:%d" % port) == ""
+    wait_for(pri, "info migrate", "Migration status: colo")
+    deadline = time.monotonic() + 20
+    while _checkpoints(pri) < 10:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    _assert_verified(sec)
+    assert "colo pause mode: hot+pre+copy" in pri.hmp("info migrate")
+    assert pri.log_tail(200).count("userfaultfd write-protect is not available") == 1
 
 
 def test_plain_live_migration(nodes):
@@ -338,7 +414,7 @@ def test_migrate_cancel_before_colo(nodes):
     assert pri.hmp("info colo").startswith("COLO mode: none")
 
 
-def test_reprotect_after_failover(nodes):
+def test_reprotect_after_failover(nodes, pause_mode):
     """The survivor of a failover can be protected again by a new secondary."""
     pri, sec = start_protected_pair(nodes, delay_ms=30, verify=True)
     kv = KvClient(pri.console)
@@ -357,7 +433,7 @@ def test_reprotect_after_failover(nodes):
     _take_over_and_check(sec2, {"gen": "2"})
 
 
-def test_failover_during_a_load_relaunches_after_it(nodes):
+def test_failover_during_a_load_relaunches_after_it(nodes, pause_mode):
     """The primary dies right after vmstate-received; the operator asks for failover while
     the secondary is still loading that checkpoint: the failover waits for the load
     (relaunch) and the guest starts from that newest checkpoint."""
@@ -376,11 +452,11 @@ def test_failover_during_a_load_relaunches_after_it(nodes):
     _take_over_and_check(sec, dict(w.acked), request=False)
 
 
-def test_secondary_notices_a_silent_primary(nodes):
+def test_secondary_notices_a_silent_primary(nodes, pause_mode):
     """A primary that stops talking (SIGSTOP: like a dead host) is reported by the
     secondary within seconds even with a long checkpoint delay; without a heartbeat the
     secondary does not take over by itself."""
-    pri, sec = start_protected_pair(nodes, delay_ms=60000)
+    pri, sec = start_protected_pair(nodes, delay_ms=60000, verify=True)
     os.kill(pri.pid, signal.SIGSTOP)
     try:
         out = wait_for(sec, "info colo", "peer: lost", timeout=15)

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def _demo(*args):
     p = subprocess.run([sys.executable, "-m", "colocore", "demo", "--json", *args],
@@ -27,3 +29,15 @@ def test_snapshot_demo():
     assert rc == 0, (steps, err)
     assert [s["step"] for s in steps] == ["boot", "write", "save", "restore", "summary"]
     assert steps[-1]["keys_missing"] == 0
+
+
+@pytest.mark.etcd
+def test_auto_demo_fails_over_and_reprotects_by_itself():
+    rc, steps, err = _demo("--auto", "--seconds", "1.5")
+    assert rc == 0, (steps, err)
+    names = [s["step"] for s in steps]
+    assert names == ["etcd", "serving", "protected", "crash", "failover", "check", "reprotected",
+                     "crash", "failover", "check", "summary"], names
+    assert all(s["automatic"] for s in steps if s["step"] == "failover")
+    assert all(s["keys_lost"] == 0 for s in steps if s["step"] == "check")
+    assert steps[-1]["ok"] and steps[-1]["operator_commands"] == 0

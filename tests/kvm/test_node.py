@@ -5,6 +5,7 @@ import time
 import pytest
 
 from colocore.clients.kv import KvClient
+from colocore.tools.procs import wait_for
 
 
 def _kvstore(nodes, name="a", extra=()):
@@ -117,3 +118,16 @@ def test_pause_is_prompt_with_a_spinning_guest(nodes):
         assert node.hmp("info status") == "VM status: paused"
         assert node.hmp("cont") == ""
     assert node.hmp("info status") == "VM status: running"
+
+
+@pytest.mark.parametrize("append, message", [
+    ("pattern=zigzag", "dirtier: pattern= must be hot, scan or random"),
+    ("pattern=random wss=10 span=5", "dirtier: span= must be at least wss="),
+    ("pattern=random span=99999999", "dirtier: span=99999999 pages does not fit in RAM"),
+    ("pattern=scan interval=0", "dirtier: interval= must be at least 1 ms"),
+])
+def test_dirtier_refuses_bad_arguments(nodes, append, message):
+    node = nodes.start("d", ["--kernel", "dirtier", "--append", append])
+    node.wait_monitor()
+    wait_for(node, "info status", "guest-panicked")
+    assert message in node.log_tail(), node.log_tail()

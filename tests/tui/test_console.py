@@ -124,3 +124,33 @@ def test_demo_starts_a_pair_and_quit_stops_it():
 
     pids = asyncio.run(scenario())
     assert pids and not any(psutil.pid_exists(p) for p in pids.values())
+
+
+def test_reprotect_key_shows_the_standby_and_protects_onto_it(nodes, etcd_server):
+    """A node serving alone under --arbiter and a registered standby: `r` shows the standby
+    the node will use; `y` sends x-colo-protect and the pair enters COLO."""
+    from colocore.tools.procs import free_port, wait_for
+    from colocore_tui.screens.protect import ProtectScreen
+    arb = "etcd:%s,key=/tui/svc,ttl=1000" % etcd_server.url
+    pri = nodes.start("primary", ["--kernel", "kvstore", "-m", "256M", "--arbiter", arb])
+    sb = nodes.start("standby-a", ["-m", "256M", "--incoming", "tcp:127.0.0.1:%d" % free_port(),
+                                   "--arbiter", arb + ",role=standby"])
+    pri.wait_monitor()
+    sb.wait_monitor()
+    wait_for(pri, "info colo_standbys", "standby-a")
+
+    async def scenario():
+        app = create_app("unix:" + pri.qmp_path, "unix:" + sb.qmp_path)
+        async with app.run_test(size=(120, 40)) as pilot:
+            pv = app.views["primary"]
+            await wait_until(pilot, lambda: pv.arbiter_role == "serving", "the arbiter in the panel")
+            assert pv.arbiter.startswith("healthy, serving") and "standby-a" in pv.arbiter
+            await pilot.press("r")
+            await wait_until(pilot, lambda: isinstance(app.screen, ProtectScreen), "the dialog")
+            assert "standby-a" in str(app.screen.query_one(".dialog-body").render())
+            await pilot.press("y")
+            await wait_until(pilot, lambda: pv.colo_mode == "primary", "COLO on the primary",
+                             timeout=30)
+            assert logged(app, "protecting the primary onto a standby")
+    asyncio.run(scenario())
+    assert "COLO mode: secondary" in sb.hmp("info colo")

@@ -32,7 +32,7 @@ def test_wheel_contains_every_module_extension_and_guest(tmp_path):
             expected.add("colocore_tui/" + f[len("tui/"):])
     missing = sorted(expected - names)
     assert not missing, "not in the wheel: %s" % missing
-    for ext in ("kvm", "dirtylog", "pages", "xbzrle", "lz4batch", "virtq"):
+    for ext in ("kvm", "dirtylog", "pages", "xbzrle", "lz4batch", "virtq", "capture"):
         assert any(n.startswith("colocore_ext/%s." % ext) and n.endswith(".so") for n in names), ext
     for guest in ("kvstore", "dirtier", "kvnet"):
         assert "colocore/guests/%s.elf" % guest in names

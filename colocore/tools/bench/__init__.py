@@ -6,6 +6,8 @@ real guests, next to a reference measured in the same run (memcpy, the unprotect
     failover    x_colo_lost_heartbeat to the first answer (failover.py)
     migrate     initial live migration (migrate.py)
     net         the networked guest (kvnet) against redis-server (net.py)
+    partitions  an etcd-arbitrated service cut apart at random: split brain, lost writes,
+                failover time (partitions.py; needs root for network namespaces)
 
 Progress goes to stderr so `--json` stdout stays clean. Every node is started through a
 NodeSet and stopped by pid when the benchmark ends, fails, or is interrupted (Ctrl-C,
@@ -13,13 +15,14 @@ SIGTERM).
 """
 import importlib
 import json
+import os
 import signal
 import sys
 
 from colocore.errors import ColocoreError
 from colocore.tools.bench.common import host_line, machine_description, say
 
-BENCHMARKS = ("pipeline", "checkpoint", "failover", "migrate", "net")
+BENCHMARKS = ("pipeline", "checkpoint", "failover", "migrate", "net", "partitions")
 
 
 def main(args):
@@ -27,7 +30,14 @@ def main(args):
     every row)."""
     bench = importlib.import_module("colocore.tools.bench." + args.what)
 
+    main_pid = os.getpid()
+
     def terminated(signum, frame):
+        if os.getpid() != main_pid:
+            # a forked helper (pyroute2's NetNS runs one per namespace it enters) inherits
+            # this handler and our stack: unwinding it there would run our cleanups in the
+            # child, which deletes the lab's namespaces under the benchmark. End it quietly.
+            os._exit(128 + signum)
         raise KeyboardInterrupt        # SIGTERM (e.g. `timeout`) cleans up like Ctrl-C
     signal.signal(signal.SIGTERM, terminated)
     try:

@@ -59,21 +59,6 @@ def machine_description():
 
 
 
-def guard_forked_helpers():
-    """pyroute2's netns.create forks helpers that inherit the benchmark's SIGTERM handler:
-    they must just go, not unwind this process's clean-up."""
-    import signal
-    owner = os.getpid()
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def terminated(signum, frame):
-        if os.getpid() != owner:
-            os._exit(1)
-        if callable(previous):
-            previous(signum, frame)
-    signal.signal(signal.SIGTERM, terminated)
-
-
 def host_line(host):
     return "host: kernel %(kernel)s, %(kvm)s, %(cpu)s, %(cores)d cores, %(mem_gib).0f GiB, " \
            "Python %(python)s" % host

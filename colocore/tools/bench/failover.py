@@ -93,7 +93,6 @@ def format(res):
 def run(args):
     if getattr(args, "net", False):
         from colocore.tools.bench import failover_net
-        from colocore.tools.bench.common import guard_forked_helpers
-        guard_forked_helpers()
-        return failover_net.bench_failover_net(2 if args.quick else args.trials)
-    return bench_failover(args.trials)
+        return failover_net.bench_failover_net(2 if args.quick else (args.trials or 20),
+                                               seed=args.seed)
+    return bench_failover(args.trials or 20)

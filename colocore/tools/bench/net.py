@@ -36,7 +36,7 @@ import subprocess
 import time
 
 from colocore.errors import ColocoreError
-from colocore.tools.bench.common import guard_forked_helpers, say
+from colocore.tools.bench.common import say
 from colocore.tools.netlab import Lab
 from colocore.tools.procs import NodeSet
 
@@ -355,7 +355,6 @@ def format(data):
 
 
 def run(args):
-    guard_forked_helpers()
     path = bench_frame_path(batches=20 if args.quick else 200)
     rows = bench_net(quick=args.quick)
     for r in rows:

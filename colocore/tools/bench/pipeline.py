@@ -361,6 +361,74 @@ def bench_harvest(rounds=9, seed=2):
     return res
 
 
+def _pass_us(guest, pfns):
+    t = time.perf_counter()
+    guest.write_pages(pfns)
+    return (time.perf_counter() - t) * 1e6
+
+
+def bench_faults(npages=2000, rounds=5, seed=3):
+    """What a guest write costs the guest under protection, per page, on this host:
+    wp_fault_us    the first CPL-3 write to a page after a dirty-log harvest re-protected
+                   it (KVM's write-protect fault), minus the same write when writable;
+    uffd_fault_us  a write to a page write-protected with userfaultfd for copy-on-write,
+                   handled by the capture's fault-handler thread (copy the page, clear its
+                   dirty bit, un-protect), minus the write when writable. It includes
+                   the KVM fault that follows (the handler re-arms dirty logging first).
+    Medians of `rounds` passes over `npages` pages spread over a 256 MiB slot."""
+    from colocore_ext import capture
+    rnd = random.Random(seed)
+    res = {}
+    with PageWritingGuest(256 * MIB) as guest:
+        log = guest.dirty_log()
+        pfns = sorted(rnd.sample(range(256 * MIB // PAGE), npages))
+        guest.write_pages(pfns)               # populate
+        log.harvest()                         # INITIALLY_SET: the first harvest is all
+        wp, uffd = [], []
+        for _ in range(rounds):
+            guest.write_pages(pfns)           # dirty (and writable again)
+            warm = _pass_us(guest, pfns)
+            log.harvest()                     # re-protect exactly these pages
+            wp.append((_pass_us(guest, pfns) - warm) / npages)
+        cap = capture.Capture(log, cow=True, hot_max=0, min_run=1)
+        try:
+            if not cap.cow_ready:
+                res["uffd_fault_us"] = None
+                res["uffd_unavailable"] = cap.cow_reason
+            else:
+                cap.precopy_min = 1 << 40     # no pre-copy here
+                for _ in range(rounds):
+                    guest.write_pages(pfns)
+                    warm = _pass_us(guest, pfns)
+                    cap.hold_copier(True)     # every write finds its page not yet copied
+                    cap.pause()               # the guest is stopped between write_pages
+                    cap.start_copier()
+                    t = _pass_us(guest, pfns)
+                    cap.hold_copier(False)
+                    cap.wait_copied()
+                    cap.compare_hot()
+                    cap.plan_send()
+                    uffd.append((t - warm) / npages)
+                res["uffd_fault_us"] = statistics.median(uffd)
+                res["uffd_faults_seen"] = cap.faults
+                # UFFDIO_WRITEPROTECT on present guest pages: per call and per page
+                run = list(range(0, 8192))
+                guest.write_pages(run)
+                for n in (1, 8192):
+                    t = [cap.time_write_protect(0, n) for _ in range(rounds)]
+                    res["uffd_protect_us_%d" % n] = statistics.median(a for a, b in t)
+                    res["uffd_unprotect_us_%d" % n] = statistics.median(b for a, b in t)
+                per_page = (res["uffd_protect_us_8192"] - res["uffd_protect_us_1"]) / 8191
+                res["uffd_wp_call_us"] = res["uffd_protect_us_1"] - per_page
+                res["uffd_wp_page_us"] = per_page
+                res["uffd_handler_us"] = cap.handler_us / max(cap.faults, 1)
+                res["uffd_unprotect_us"] = cap.unprotect_us / max(cap.fault_copies, 1)
+        finally:
+            cap.close()
+        res["wp_fault_us"] = statistics.median(wp)
+    return res
+
+
 def kvm_available():
     return os.access("/dev/kvm", os.R_OK | os.W_OK)
 
@@ -371,8 +439,10 @@ def run(args):
     res = bench_codecs()
     if harvest and kvm_available():
         res.update(bench_harvest())
+        res.update(bench_faults())
     else:
         res["harvest_us_256mib_1pct"] = None
+        res["wp_fault_us"] = res["uffd_fault_us"] = None
         res["harvest_skipped"] = "no usable /dev/kvm" if harvest else "--no-harvest"
     m = res["memcpy_gbps"]
     res["ratios"] = {
@@ -420,6 +490,17 @@ def format(res):
                 k = "%s_%s" % (slot_name, frac_name)
                 cells += "%18s" % ("%.0f (%.0f)" % (res["harvest_us_" + k], res["harvest_clear_us_" + k]))
             lines.append("  %-10s" % slot_name + cells)
+    if res.get("wp_fault_us") is not None:
+        lines.append("")
+        lines.append("  guest write to a protected page, us per page (minus a plain write):")
+        lines.append("  %-36s %8.2f" % ("KVM write-protect fault (wp_fault_us)", res["wp_fault_us"]))
+        if res.get("uffd_fault_us") is not None:
+            lines.append("  %-36s %8.2f" % ("userfaultfd copy-on-write (uffd_fault_us)",
+                                             res["uffd_fault_us"]))
+            lines.append("  %-36s %8.2f us per call + %.3f us per page" % (
+                "UFFDIO_WRITEPROTECT (protect)", res["uffd_wp_call_us"], res["uffd_wp_page_us"]))
+        else:
+            lines.append("  userfaultfd copy-on-write: unavailable (%s)" % res.get("uffd_unavailable"))
     lines.append("")
     lines.append("  targets (ratios measured in this run):")
     for key, op, want in TARGETS:

@@ -5,6 +5,11 @@ Bytes the guest emits are numbered (`produced`). They go to the chardev only up 
 moves the mark when the secondary has received the checkpoint that contains the state
 which produced them (Remus output commit). Unreleased bytes are device state, saved in
 every checkpoint, so a secondary that takes over releases what the primary may not have.
+
+`fence`, when set (a node under --arbiter), is asked right before any byte is handed to
+the chardev: releasable bytes wait while it says no, and `kick()` retries once it may
+say yes again. It is the one release point: checked here, on the control loop, with no
+I/O between the check and the write.
 """
 import threading
 
@@ -25,6 +30,7 @@ class OutputChannel:
         self._releasable = 0
         self._scheduled = False
         self._schedule = None          # call_soon_threadsafe of the control loop
+        self.fence = None              # may_release() of the arbiter, or None
 
     def attach(self, schedule):
         self._schedule = schedule
@@ -54,12 +60,20 @@ class OutputChannel:
             self._scheduled = True
             self._schedule(self._flush)
 
+    def kick(self):
+        """Control loop: deliver what is releasable, if the fence allows it now."""
+        with self._lock:
+            self._kick_locked()
+
     def _flush(self):
+        fence = self.fence
         with self._lock:
             self._scheduled = False
             n = self._releasable - self._base
             if n <= 0:
                 return
+            if fence is not None and not fence():
+                return                 # held; kick() when the fence reopens
             data = bytes(self._pending[:n])
             del self._pending[:n]
             self._base += n

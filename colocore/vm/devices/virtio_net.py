@@ -121,6 +121,9 @@ class VirtioNet(VirtioMmioDevice):
         self.on_event = lambda: None    # wakes a WAITing guest (the machine sets it)
         self.backend_error = None       # why the backend stopped, once
         self.output = NetOutput(self)
+        # may_release() of an arbiter (--arbiter), or None: asked before frames go to the
+        # tap; frames wait in `out` while it says no
+        self.fence = None
 
     def reset(self):
         super().reset()
@@ -183,9 +186,18 @@ class VirtioNet(VirtioMmioDevice):
 
     def flush(self):
         """Write releasable frames to the tap (vCPU thread, or whoever releases output)."""
+        fence = self.fence
+        if fence is not None and not fence():
+            return
         e = self.out.flush(self._fd())
         if e and e not in (errno.EAGAIN, errno.EINVAL, errno.EMSGSIZE):
             self._backend_failed(e)
+
+    def want_flush(self):
+        """Any thread: send what is releasable now (the fence reopened). The FrameQueue's
+        mutex makes a flush from any thread safe beside the vCPU thread's."""
+        if self.out.releasable > self.out.base:     # a racy read: at worst a spare flush
+            self.flush()
 
     def deliver_rx(self):
         """Fill posted receive buffers from the tap; returns frames delivered."""
