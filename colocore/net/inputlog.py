@@ -30,9 +30,11 @@ replayable until a later checkpoint matches again:
   retried when more frames arrived and at the takeover;
 - frames after the anchor were evicted (the log's bound: a flood) or a socket drop
   happened after it: the tail is incomplete.
-A skipped replay loses nothing: the guest's output was held until the checkpoint, so the
-client has not seen an acknowledgement of anything the checkpoint lacks, and its TCP
-retransmits it (only later).
+After such a disagreement the log is trusted again only once REMATCH_STREAK checkpoints
+in a row agree (a single agreement can be chance: identical frames swapped). A skipped
+replay loses nothing: the guest's output was held until the checkpoint, so the client has
+not seen an acknowledgement of anything the checkpoint lacks, and its TCP retransmits it
+(only later).
 
 The first checkpoint (the state the initial migration brought) has no count to go by: its
 H is looked for from the newest frame back; not found means its guest consumed nothing
@@ -60,6 +62,7 @@ PACKET_MR_PROMISC = 1
 SO_RCVBUFFORCE = 33
 RCVBUF = 8 << 20
 POLL_MS = 200
+REMATCH_STREAK = 3
 
 
 class MirrorLog:
@@ -78,7 +81,9 @@ class MirrorLog:
         self.note = "no checkpoint yet"
         self.gap_through = -1       # frames may be missing up to this sequence number
         self.socket_dropped = 0
-        self.matched = 0            # checkpoints matched by count and hash
+        self.matched = 0            # checkpoints matched by count and chain
+        self.streak = 0             # of them in a row
+        self.faulted = False        # the log disagreed with a checkpoint once
         self.unmatched = 0          # checkpoints where the log did not agree
         self.pending = False
 
@@ -126,8 +131,15 @@ class MirrorLog:
         self.anchor_hash, self.anchor_chain = h, chain
         self.log.drop_through(anchor)
         self.pending = False
-        self.replayable = good
-        self.note = note
+        self.streak = self.streak + 1 if good else 0
+        self.faulted = self.faulted or not good
+        # A link that lost or reordered frames once is trusted again only after several
+        # checkpoints in a row agree: a single agreement can be a coincidence (identical
+        # frames swapped), and nothing can check the frames after the last checkpoint.
+        self.replayable = good and (not self.faulted or self.streak >= REMATCH_STREAK)
+        self.note = note if self.replayable or not good else (
+            "%s, but the log disagreed lately: it is replayed again once %d checkpoints in "
+            "a row agree" % (note, REMATCH_STREAK))
         if good:
             self.matched += 1
         else:
@@ -154,7 +166,6 @@ class MirrorLog:
             # nothing consumed since: no new evidence either way
             self.replayable = self.replayable and not self.pending
             self.pending = False
-            self.matched += self.replayable
             self._check_tail()
             return
         if expected > newest and not give_up:
