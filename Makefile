@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-SOURCES := setup.py pyproject.toml constraints.txt $(wildcard colocore_ext/*.pyx colocore_ext/*.pxd guests/*.c guests/*.S guests/*.h guests/*.ld guests/*.py)
+SOURCES := setup.py pyproject.toml constraints.txt $(wildcard colocore_ext/*.pyx colocore_ext/*.pxd colocore_ext/includes/*.pxd guests/*.c guests/*.S guests/*.h guests/*.ld guests/*.py)
 PYTEST_ARGS ?=
 
 FUZZ_SECONDS ?= 60

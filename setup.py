@@ -71,9 +71,10 @@ setup(
     description="COLO-style fault tolerance for KVM guests: a micro-VMM, checkpoints, failover",
     # every package found (a hand-kept list once left colocore.devices out of
     # non-editable installs)
-    packages=find_packages(include=["colocore", "colocore.*", "colocore_ext",
+    packages=find_packages(include=["colocore", "colocore.*", "colocore_ext", "colocore_ext.*",
                                     "colocore_tui", "colocore_tui.*"]),
     package_data={"colocore.guests": ["*.elf"], "colocore_ext": ["*.pyi", "*.pxd"],
+                  "colocore_ext.includes": ["*.pxd"],
                   "colocore_tui": ["*.tcss"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtWithGuests, "build_py": BuildPyWithGuests},

@@ -1,7 +1,7 @@
 # cython: language_level=3
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from colocore_ext.dirtylog cimport DirtyLog
-from colocore_ext.posix_threads cimport pthread_t, pthread_mutex_t, pthread_cond_t
+from colocore_ext.includes.pthread cimport pthread_t, pthread_mutex_t, pthread_cond_t
 
 
 cdef struct shared_t:

@@ -77,16 +77,17 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cpython cimport array
 
 from colocore_ext.dirtylog cimport DirtyLog
-from colocore_ext.kvm_defs cimport (kvm_dirty_log, kvm_clear_dirty_log, KVM_GET_DIRTY_LOG,
+from colocore_ext.includes.kvm cimport (kvm_dirty_log, kvm_clear_dirty_log, KVM_GET_DIRTY_LOG,
                                     KVM_CLEAR_DIRTY_LOG)
-from colocore_ext.pages cimport copy_page_is_zero, ctz64, popcount64, PAGE_SHIFT, PAGE_SIZE
-from colocore_ext.posix_threads cimport (pthread_create, pthread_join, pthread_mutex_init,
+from colocore_ext.includes.bits cimport ctz64, popcount64, PAGE_SHIFT, PAGE_SIZE
+from colocore_ext.pages cimport copy_page_is_zero
+from colocore_ext.includes.pthread cimport (pthread_create, pthread_join, pthread_mutex_init,
                                          pthread_mutex_destroy, pthread_mutex_lock,
                                          pthread_mutex_unlock, pthread_cond_init,
                                          pthread_cond_destroy, pthread_cond_wait,
                                          pthread_cond_broadcast, pthread_cond_signal,
                                          sigset_t, sigfillset, pthread_sigmask, SIG_BLOCK)
-from colocore_ext.uffd cimport *
+from colocore_ext.includes.uffd cimport *
 
 import array
 import os

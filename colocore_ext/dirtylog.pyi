@@ -2,7 +2,6 @@ from array import array
 
 MAX_SLOT_SIZE: int
 
-def manual_protect_supported(vm_fd: int) -> bool: ...
 def enable_manual_protect(vm_fd: int) -> bool: ...
 
 class DirtyLog:

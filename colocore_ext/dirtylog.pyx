@@ -29,12 +29,12 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 from posix.ioctl cimport ioctl
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
-from colocore_ext.kvm_defs cimport (kvm_dirty_log, kvm_clear_dirty_log, kvm_enable_cap,
+from colocore_ext.includes.kvm cimport (kvm_dirty_log, kvm_clear_dirty_log, kvm_enable_cap,
                                     KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG, KVM_ENABLE_CAP,
                                     KVM_CHECK_EXTENSION, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
                                     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
                                     KVM_DIRTY_LOG_INITIALLY_SET)
-from colocore_ext.pages cimport ctz64, popcount64, PAGE_SHIFT, PAGE_SIZE
+from colocore_ext.includes.bits cimport ctz64, popcount64, PAGE_SHIFT, PAGE_SIZE
 import array
 import os
 
@@ -47,12 +47,6 @@ cdef extern from *:
     uint64_t cc_atomic_xchg(uint64_t *p, uint64_t v) noexcept nogil
 
 MAX_SLOT_SIZE = 1 << 44       # 2**32 pages: the most a u32 pfn list can name
-
-
-def manual_protect_supported(int vm_fd):
-    """Whether the kernel offers KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (and with which flags)."""
-    cdef int r = ioctl(vm_fd, KVM_CHECK_EXTENSION, <unsigned long>KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
-    return r > 0
 
 
 def enable_manual_protect(int vm_fd):

@@ -27,14 +27,14 @@ from posix.fcntl cimport open as c_open, O_RDWR, O_CLOEXEC
 from posix.unistd cimport close
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_FAILED
 from posix.signal cimport sigaction_t, sigaction, sigemptyset
-from colocore_ext.kvm_defs cimport *
+from colocore_ext.includes.kvm cimport *
 
 import os
 
 from colocore_ext.dirtylog import enable_manual_protect
 
 from colocore_ext.capture cimport Capture
-from colocore_ext.posix_threads cimport (pthread_t, pthread_self, pthread_kill, pthread_mutex_t,
+from colocore_ext.includes.pthread cimport (pthread_t, pthread_self, pthread_kill, pthread_mutex_t,
                                          pthread_cond_t, pthread_mutex_init, pthread_mutex_lock,
                                          pthread_mutex_unlock, pthread_cond_init,
                                          pthread_cond_wait, pthread_cond_broadcast)
@@ -133,8 +133,8 @@ def open_kvm(path="/dev/kvm"):
     return fd
 
 
-def check_extension(int kvm_fd, int cap):
-    return ioctl(kvm_fd, KVM_CHECK_EXTENSION, <unsigned long>cap)
+cdef enum:
+    MAX_EXTRA_SLOTS = 4         # add_slot() memslots a Vm may have besides slot 0
 
 
 cdef class Vm:
@@ -146,11 +146,15 @@ cdef class Vm:
     cdef public bint manual_protect
     cdef public bint dirty_log
     cdef object _view
+    cdef uint8_t *extra_mem[MAX_EXTRA_SLOTS]    # add_slot()'s mappings
+    cdef uint64_t extra_size[MAX_EXTRA_SLOTS]
+    cdef int nextra
 
     def __cinit__(self):
         self.kvm_fd = -1
         self.fd = -1
         self.mem = NULL
+        self.nextra = 0
 
     def __init__(self, uint64_t mem_size, bint dirty_log=True, str kvm_path="/dev/kvm"):
         if mem_size == 0 or mem_size % (2 << 20):
@@ -187,14 +191,50 @@ cdef class Vm:
         def __get__(self):
             return <uint64_t>self.mem
 
+    def add_slot(self, uint32_t slot, uint64_t gpa, uint64_t size, bint dirty_log=False):
+        """Another memslot: `size` bytes of fresh anonymous memory (MAP_NORESERVE) at
+        guest-physical `gpa`, unmapped with the VM. Returns (host address, writable
+        memoryview). The engine's guests have one slot; the pipeline benchmark measures
+        the dirty-log harvest of a large sparse slot this way."""
+        if self.nextra == MAX_EXTRA_SLOTS:
+            raise ValueError("at most %d extra memslots" % MAX_EXTRA_SLOTS)
+        if size == 0 or size % 4096 or gpa % 4096:
+            raise ValueError("a memslot is a non-zero number of whole pages at a page boundary")
+        cdef void *p = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        if p == MAP_FAILED:
+            _raise("cannot allocate %d bytes for memslot %d" % (size, slot))
+        cdef kvm_userspace_memory_region region
+        memset(&region, 0, sizeof(region))
+        region.slot = slot
+        region.flags = KVM_MEM_LOG_DIRTY_PAGES if dirty_log else 0
+        region.guest_phys_addr = gpa
+        region.memory_size = size
+        region.userspace_addr = <uint64_t>p
+        if ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, &region) < 0:
+            munmap(p, size)
+            _raise("KVM_SET_USER_MEMORY_REGION (slot %d)" % slot)
+        self.extra_mem[self.nextra] = <uint8_t *>p
+        self.extra_size[self.nextra] = size
+        self.nextra += 1
+        return <uint64_t>p, memoryview(<uint8_t[:size]><uint8_t *>p)
+
     def memory(self):
         """A writable memoryview of guest RAM (shares the mapping)."""
         if self._view is None:
             self._view = memoryview(<uint8_t[:self.mem_size]>self.mem)
         return self._view
 
+    cdef void _unmap_extra(self) noexcept:
+        cdef int i
+        for i in range(self.nextra):
+            munmap(self.extra_mem[i], self.extra_size[i])
+        self.nextra = 0
+
     def close(self):
+        """Unmap the memory and close the VM: memoryviews of it must be gone by now."""
         self._view = None
+        self._unmap_extra()
         if self.mem != NULL:
             munmap(self.mem, self.mem_size)
             self.mem = NULL
@@ -206,6 +246,7 @@ cdef class Vm:
             self.kvm_fd = -1
 
     def __dealloc__(self):
+        self._unmap_extra()
         if self.mem != NULL:
             munmap(self.mem, self.mem_size)
         if self.fd >= 0:

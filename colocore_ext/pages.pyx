@@ -15,6 +15,7 @@ Every bound is checked before the copy loop starts: a bad list raises and writes
 from cpython.bytearray cimport PyByteArray_FromStringAndSize
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
+from colocore_ext.includes.bits cimport load64, PAGE_SIZE
 from cpython cimport array
 import array
 

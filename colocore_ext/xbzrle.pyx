@@ -21,7 +21,7 @@ a slot held by a page sent in the last two generations (checkpoints) is not evic
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int32_t
 from libc.string cimport memcpy, memset
-from colocore_ext.pages cimport load64, ctz64, PAGE_SIZE
+from colocore_ext.includes.bits cimport load64, ctz64, PAGE_SIZE
 
 MAX_PAGE = 1 << 20           # longest page the codec accepts (ULEB lengths <= 3 bytes)
 MIN_CACHE_SIZE = 16 * PAGE_SIZE

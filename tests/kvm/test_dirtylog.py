@@ -53,13 +53,13 @@ def test_bad_marks_and_arguments(guest):
         log.mark_range(guest.SLOT_GPA + SLOT - 10, 20)
     with pytest.raises(IndexError):
         log.mark_range(0, 4096)               # below the slot
-    for args in ((guest.vm, 1, guest.mem, 4095), (guest.vm, 1, guest.mem + 1, SLOT),
-                 (-1, 1, guest.mem, SLOT), (guest.vm, 1, guest.mem, 0)):
+    for args in ((guest.vm.fd, 1, guest.mem, 4095), (guest.vm.fd, 1, guest.mem + 1, SLOT),
+                 (-1, 1, guest.mem, SLOT), (guest.vm.fd, 1, guest.mem, 0)):
         with pytest.raises(ValueError):
             dirtylog.DirtyLog(*args)
 
 
 def test_slot_without_dirty_logging_is_a_clear_error(guest):
-    log = dirtylog.DirtyLog(guest.vm, 0, guest.low, guest.LOW_SIZE)   # slot 0: no logging
+    log = dirtylog.DirtyLog(guest.vm.fd, 0, guest.vm.mem_addr, guest.LOW_SIZE)   # slot 0: no logging
     with pytest.raises(OSError, match="KVM_MEM_LOG_DIRTY_PAGES"):
         log.harvest()

@@ -18,9 +18,6 @@ Guest writes are the only writes KVM's dirty log sees, so the harvest benchmark 
 tiny CPL-3 guest (`PageWritingGuest`) that stores one byte to each page of a list.
 """
 import array
-import ctypes
-import fcntl
-import mmap
 import os
 import random
 import statistics
@@ -33,77 +30,43 @@ MIB = 1 << 20
 
 # ---- a guest that dirties chosen pages ------------------------------------------------
 
-_KVM_CREATE_VM = 0xAE01
-_KVM_GET_VCPU_MMAP_SIZE = 0xAE04
-_KVM_CREATE_VCPU = 0xAE41
-_KVM_RUN = 0xAE80
-_KVM_SET_USER_MEMORY_REGION = 0x4020AE46
-_KVM_GET_SREGS = 0x8138AE83
-_KVM_SET_SREGS = 0x4138AE84
-_KVM_SET_REGS = 0x4090AE82
-_KVM_EXIT_MMIO = 6
-_MAP_NORESERVE = 0x4000
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-
-
-def _anon_map(size):
-    addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
-                      mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
-    if addr in (None, ctypes.c_void_p(-1).value):
-        e = ctypes.get_errno()
-        raise OSError(e, "cannot map %d bytes: %s" % (size, os.strerror(e)))
-    return addr
-
-
 class PageWritingGuest:
-    """A VM whose CPL-3 guest stores one byte into each page of a list, then exits.
+    """A VM (colocore_ext.kvm) whose CPL-3 guest stores one byte into each page of a list.
 
-    Slot 0 (8 MiB at GPA 0) holds page tables, GDT/TSS, code, and the page list; slot 1 is
+    Slot 0 (8 MiB at GPA 0) holds page tables, GDT, code, and the page list; slot 1 is
     the measured slot (`slot_size` bytes at GPA 4 GiB, MAP_NORESERVE, dirty logging on).
-    `write_pages(pfns)` puts the list in guest memory and runs the guest until it stores
-    to the DONE doorbell (an unbacked address: an MMIO exit). Use as a context manager:
-    it unmaps everything on exit.
+    `write_pages(pfns)` puts the list in guest memory and runs the vCPU until the guest
+    stores to the DONE doorbell (an unbacked address: an MMIO exit, where the bus kicks
+    the vCPU out of its run loop). Use as a context manager: it closes the VM on exit.
     """
     LOW_SIZE = 8 * MIB
     SLOT_GPA = 4 << 30
     DONE = 12 << 30                  # unbacked: the store exits with KVM_EXIT_MMIO
     LIST, COUNT = 0x400000, 0x3FF000
     PML4, PDPT, PD = 0x1000, 0x2000, 0x3000
-    GDT, TSS, KCODE, UCODE = 0x500, 0x600, 0x20000, 0x21000   # PDs end at 0x13000
+    GDT, KCODE, UCODE = 0x500, 0x20000, 0x21000   # the PDs end at 0x13000
     MEASURED_SLOT = 1
 
     def __init__(self, slot_size, manual_protect=True):
+        from colocore_ext import kvm
         from colocore_ext.dirtylog import enable_manual_protect
         self.slot_size = slot_size
-        self.kvm = self.vm = self.vcpu = -1
-        self.low = self.mem = None
-        self.run_map = None
+        self.vm = kvm.Vm(self.LOW_SIZE, dirty_log=False)
         try:
-            self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-            self.vm = fcntl.ioctl(self.kvm, _KVM_CREATE_VM, 0)
-            # (no KVM_SET_TSS_ADDR: this guest never runs in real mode)
-            # Before any dirty-logged memslot exists, as the kernel requires.
-            self.manual_protect = enable_manual_protect(self.vm) if manual_protect else False
-            self.low = _anon_map(self.LOW_SIZE)
-            self.mem = _anon_map(slot_size)
-            self._set_region(0, 0, 0, self.LOW_SIZE, self.low)
-            self._set_region(self.MEASURED_SLOT, 1, self.SLOT_GPA, slot_size, self.mem)
+            # before the dirty-logged slot exists, as the kernel requires
+            self.manual_protect = enable_manual_protect(self.vm.fd) if manual_protect else False
+            self.low = self.vm.memory()
+            self.mem, _ = self.vm.add_slot(self.MEASURED_SLOT, self.SLOT_GPA, slot_size,
+                                           dirty_log=True)
             self._build()
+            self.vcpu = kvm.Vcpu(self.vm)
+            self.vcpu.set_long_mode(self.KCODE, 0x70000, 0, 0, self.PML4, self.GDT, 5 * 8 - 1)
         except BaseException:
             self.close()
             raise
 
-    def _set_region(self, slot, flags, gpa, size, addr):
-        fcntl.ioctl(self.vm, _KVM_SET_USER_MEMORY_REGION,
-                    struct.pack("IIQQQ", slot, flags, gpa, size, addr))
-
     def _poke(self, gpa, data):
-        ctypes.memmove(self.low + gpa, data, len(data))
+        self.low[gpa:gpa + len(data)] = data
 
     def _build(self):
         # identity map of 0..16 GiB, 2 MiB pages, user accessible
@@ -112,6 +75,7 @@ class PageWritingGuest:
         for j in range(16):
             self._poke(self.PD + j * 0x1000,
                        struct.pack("<512Q", *[((j * 512 + i) << 21) | 0x87 for i in range(512)]))
+        # kernel code 0x08 and data 0x10 (what set_long_mode loads), user data 0x18, code 0x20
         gdt = [0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00CFF3000000FFFF,
                0x00AFFB000000FFFF]
         self._poke(self.GDT, struct.pack("<5Q", *gdt))
@@ -134,34 +98,10 @@ class PageWritingGuest:
                 + b"\xA2" + struct.pack("<Q", self.DONE)
                 + b"\xEB\xCF")
         self._poke(self.UCODE, code)
-        self.vcpu = fcntl.ioctl(self.vm, _KVM_CREATE_VCPU, 0)
-        size = fcntl.ioctl(self.kvm, _KVM_GET_VCPU_MMAP_SIZE, 0)
-        self.run_map = mmap.mmap(self.vcpu, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        sregs = bytearray(312)
-        fcntl.ioctl(self.vcpu, _KVM_GET_SREGS, sregs)
-
-        def seg(i, sel, typ, l, db, base=0, limit=0xFFFFFFFF, s=1, g=1):
-            struct.pack_into("QIHBBBBBBBBBB", sregs, i * 24, base, limit, sel, typ, 1, 0, db,
-                             s, l, g, 0, 0, 0)
-        seg(0, 0x08, 11, 1, 0)
-        for i in (1, 2, 3, 4, 5):
-            seg(i, 0x10, 3, 0, 1)
-        seg(6, 0x28, 11, 0, 0, base=self.TSS, limit=0x67, s=0, g=0)
-        struct.pack_into("QH", sregs, 8 * 24, self.GDT, 5 * 8 - 1)
-        struct.pack_into("Q", sregs, 224, 0x80000031)      # cr0 PE ET NE PG
-        struct.pack_into("Q", sregs, 240, self.PML4)        # cr3
-        struct.pack_into("Q", sregs, 248, 0x20)             # cr4 PAE
-        struct.pack_into("Q", sregs, 264, 0x500)            # efer LME LMA
-        fcntl.ioctl(self.vcpu, _KVM_SET_SREGS, sregs)
-        regs = bytearray(144)
-        struct.pack_into("Q", regs, 6 * 8, 0x70000)
-        struct.pack_into("Q", regs, 16 * 8, self.KCODE)
-        struct.pack_into("Q", regs, 17 * 8, 2)
-        fcntl.ioctl(self.vcpu, _KVM_SET_REGS, regs)
 
     def dirty_log(self):
         from colocore_ext.dirtylog import DirtyLog
-        return DirtyLog(self.vm, self.MEASURED_SLOT, self.mem, self.slot_size,
+        return DirtyLog(self.vm.fd, self.MEASURED_SLOT, self.mem, self.slot_size,
                         manual_protect=self.manual_protect, gpa_base=self.SLOT_GPA)
 
     def write_pages(self, pfns):
@@ -169,30 +109,32 @@ class PageWritingGuest:
         pfns = array.array("I", pfns)
         if len(pfns) * 4 > self.LOW_SIZE - self.LIST:
             raise ValueError("page list too long for the guest")
-        if len(pfns):
-            ctypes.memmove(self.low + self.LIST, pfns.buffer_info()[0], len(pfns) * 4)
+        self._poke(self.LIST, pfns.tobytes())
         self._poke(self.COUNT, struct.pack("<I", len(pfns)))
-        fcntl.ioctl(self.vcpu, _KVM_RUN, 0)
-        reason = struct.unpack_from("I", self.run_map, 8)[0]
-        gpa = struct.unpack_from("Q", self.run_map, 32)[0]
-        if reason != _KVM_EXIT_MMIO or gpa != self.DONE:
-            raise RuntimeError("page-writing guest stopped with exit %d (gpa 0x%x)" % (reason, gpa))
+        why = self.vcpu.run_loop(self)
+        if why != "kicked":
+            raise RuntimeError("page-writing guest stopped: %s" % why)
+
+    # the bus of run_loop: the only device is the DONE doorbell
+    def mmio_write(self, addr, size, value):
+        if addr != self.DONE:
+            raise RuntimeError("page-writing guest wrote MMIO 0x%x" % addr)
+        self.vcpu.kick()                 # run_loop returns "kicked" at once
+
+    def mmio_read(self, addr, size):
+        raise RuntimeError("page-writing guest read MMIO 0x%x" % addr)
+
+    def pio_read(self, port, size):
+        raise RuntimeError("page-writing guest read port 0x%x" % port)
+
+    pio_write = pio_read
 
     def close(self):
-        if self.run_map is not None:
-            self.run_map.close()
-            self.run_map = None
-        for name in ("vcpu", "vm", "kvm"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                os.close(fd)
-                setattr(self, name, -1)
-        if self.mem:
-            _libc.munmap(self.mem, self.slot_size)
-            self.mem = None
-        if self.low:
-            _libc.munmap(self.low, self.LOW_SIZE)
-            self.low = None
+        if getattr(self, "vcpu", None) is not None:
+            self.vcpu.close()
+            self.vcpu = None
+        self.low = None
+        self.vm.close()
 
     def __enter__(self):
         return self
