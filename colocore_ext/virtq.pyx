@@ -23,6 +23,9 @@ from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset, memmove
 from posix.unistd cimport read, write
 from colocore_ext.dirtylog cimport DirtyLog
+from colocore_ext.includes.pthread cimport (pthread_mutex_t, pthread_mutex_init,
+                                            pthread_mutex_destroy, pthread_mutex_lock,
+                                            pthread_mutex_trylock, pthread_mutex_unlock)
 
 import os
 
@@ -239,16 +242,6 @@ cdef inline uint64_t chain_step(uint64_t chain, uint64_t h) noexcept nogil:
 
 def chain_hash(uint64_t chain, uint64_t h):
     return chain_step(chain, h)
-
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
-    int pthread_mutex_destroy(pthread_mutex_t *m)
-    int pthread_mutex_lock(pthread_mutex_t *m)
-    int pthread_mutex_trylock(pthread_mutex_t *m)
-    int pthread_mutex_unlock(pthread_mutex_t *m)
 
 
 cdef class FrameQueue:
