@@ -33,6 +33,11 @@ log = logging.getLogger("colocore.chardev")
 # Bytes queued towards a client that does not read; past this the client is dropped
 # rather than letting the node's memory grow without bound.
 MAX_CLIENT_BACKLOG = 8 << 20
+# Past this many queued bytes a client's monitor session stops running its commands until
+# the client reads (asyncio's pause_writing); its unread commands then fill the session's
+# inbox, which stops reading the socket. A client that never reads ends up ignored, not
+# dropped; MAX_CLIENT_BACKLOG is only reached by a single answer or by events.
+CLIENT_HIGH_WATER = 1 << 20
 # Clients of one chardev at once (served or waiting); more are closed at once, logged.
 MAX_CLIENTS = 64
 
@@ -128,9 +133,12 @@ class _Client(asyncio.Protocol):
         self.chardev = chardev
         self.transport = None
         self.security = tls.PLAIN
+        self.writable = asyncio.Event()
+        self.writable.set()
 
     def connection_made(self, transport):
         self.transport = transport
+        transport.set_write_buffer_limits(high=CLIENT_HIGH_WATER)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -140,7 +148,19 @@ class _Client(asyncio.Protocol):
         self.chardev._client_data(self, data)
 
     def connection_lost(self, exc):
+        self.writable.set()           # a session waiting to write wakes up and ends
         self.chardev._client_left(self)
+
+    # asyncio's flow control: the transport's buffer passed its high-water mark / drained
+    def pause_writing(self):
+        self.writable.clear()
+
+    def resume_writing(self):
+        self.writable.set()
+
+    async def drained(self):
+        """Wait until this client has read enough of what it was sent."""
+        await self.writable.wait()
 
     def write(self, data):
         t = self.transport

@@ -345,6 +345,8 @@ class MonitorSession:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
+            if self.client is not None:
+                await self.client.drained()   # a client that does not read gets no more answers
             if line is TOO_LONG:
                 out, _ = "Error: command line too long (limit %d bytes)" % MAX_LINE, False
             else:

@@ -239,6 +239,8 @@ class QmpSession:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
+            if self.client is not None:
+                await self.client.drained()   # a client that does not read gets no more answers
             if isinstance(item, QmpError):
                 self.send(_error(item))
                 continue
