@@ -1,0 +1,277 @@
+"""The comparer (QEMU's colo-compare, without its known faults): in hybrid mode, which of
+the primary guest's frames may go out, and when the two copies diverged.
+
+Both guests run from the same checkpoint on the same input. Every frame the primary's
+guest sends is held, numbered in the order it was produced, until the secondary's guest
+produced the same output; frames go out in that order, as a prefix of matched frames
+(`releasable()`), so the wire sees exactly what the primary's guest sent. What the
+secondary's guest sends is only compared, never sent anywhere.
+
+What "the same output" means, per kind of frame:
+- TCP, per connection (guest address and port, peer address and port): by payload byte
+  range, so different segmentation still matches. A primary segment is matched once the
+  secondary sent every byte of its range with the same values (SYN and FIN count as one
+  sequence number each, as in TCP), and the secondary acknowledged at least as much of
+  the peer's data as the segment does (its ACK is covered by both sides: the secondary
+  has the input the primary's answer depends on). A pure ACK needs that ACK covered.
+  A byte that differs is a mismatch. Retransmissions of matched bytes match again.
+- UDP and ICMP, per flow: the payload of the primary's next frame equals the secondary's
+  next one on that flow.
+- ARP and anything that is not IPv4 (IPv6, VLAN...): released at once, not compared.
+
+A mismatch, a primary frame left unmatched for longer than `timeout` seconds (the
+migration parameter x-compare-timeout), or queues past their bound (`max_frames` frames
+or `max_bytes` bytes of the secondary's output held) end the comparison: `divergence()`
+says why, and the caller takes a checkpoint. At a checkpoint (`new_epoch`), the primary's
+frames produced before its capture go out with it and what the secondary sent before
+its suspension is dropped: comparing starts afresh from the checkpoint's state.
+
+Pure Python: a handful of dict lookups and one bytes comparison per frame, no loop over
+bytes. The frames are only read, never changed.
+"""
+import collections
+import struct
+import time
+
+ETH_HLEN = 14
+ETHERTYPE_IPV4 = 0x0800
+PROTO_ICMP, PROTO_TCP, PROTO_UDP = 1, 6, 17
+TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+MOD = 1 << 32
+
+
+def _after(a, b):
+    """TCP sequence comparison: a is at or after b (modulo 2^32)."""
+    return ((a - b) % MOD) < (1 << 31)
+
+
+class Frame:
+    """One parsed frame: what the comparer needs of it."""
+    __slots__ = ("seqno", "raw", "born", "kind", "key", "seq", "ack", "flags", "payload",
+                 "matched")
+
+    def __init__(self, raw, seqno=None, born=0.0):
+        self.raw = raw
+        self.seqno = seqno
+        self.born = born
+        self.kind = "other"
+        self.key = None
+        self.seq = self.ack = self.flags = 0
+        self.payload = b""
+        self.matched = False
+        if len(raw) < ETH_HLEN + 20 or struct.unpack_from(">H", raw, 12)[0] != ETHERTYPE_IPV4:
+            return
+        ihl = (raw[ETH_HLEN] & 0x0F) * 4
+        total = struct.unpack_from(">H", raw, ETH_HLEN + 2)[0]
+        proto = raw[ETH_HLEN + 9]
+        src, dst = raw[ETH_HLEN + 12:ETH_HLEN + 16], raw[ETH_HLEN + 16:ETH_HLEN + 20]
+        l4 = ETH_HLEN + ihl
+        end = min(len(raw), ETH_HLEN + total)
+        if ihl < 20 or end < l4:
+            return
+        if proto == PROTO_TCP and end >= l4 + 20:
+            sport, dport, seq, ack, off, flags = struct.unpack_from(">HHIIBB", raw, l4)
+            hl = (off >> 4) * 4
+            if hl < 20 or l4 + hl > end:
+                return
+            self.kind = "tcp"
+            self.key = (src, sport, dst, dport)
+            self.seq, self.ack, self.flags = seq, ack, flags
+            self.payload = raw[l4 + hl:end]
+        elif proto in (PROTO_UDP, PROTO_ICMP):
+            self.kind = "flow"
+            ident = raw[l4:l4 + 4] if proto == PROTO_UDP else raw[l4 + 4:l4 + 6]
+            self.key = (proto, src, dst, bytes(ident))
+            self.payload = raw[l4:end] if proto == PROTO_ICMP else raw[l4 + 8:end]
+
+    @property
+    def seq_end(self):
+        """The sequence number after this segment (SYN and FIN count one each)."""
+        return (self.seq + len(self.payload) + (1 if self.flags & TCP_SYN else 0)
+                + (1 if self.flags & TCP_FIN else 0)) % MOD
+
+
+class _Stream:
+    """What the secondary's guest sent on one TCP connection in this epoch: its bytes by
+    sequence number (SYN and FIN as markers), its highest ACK, a RST if any."""
+
+    def __init__(self):
+        self.data = {}           # seq -> payload bytes of each distinct segment start
+        self.syn = None          # the secondary's SYN sequence number
+        self.fin = None          # the sequence number its FIN took
+        self.ack = None          # highest ACK it sent
+        self.rst = None          # sequence number of its RST
+        self.bytes = 0
+
+    def add(self, f):
+        if f.flags & TCP_ACK and (self.ack is None or _after(f.ack, self.ack)):
+            self.ack = f.ack
+        if f.flags & TCP_RST:
+            self.rst = f.seq
+            return 0
+        start = f.seq
+        if f.flags & TCP_SYN:
+            self.syn = f.seq
+            start = (f.seq + 1) % MOD
+        if f.payload and start not in self.data or \
+                (start in self.data and len(f.payload) > len(self.data[start])):
+            self.bytes += len(f.payload) - len(self.data.get(start, b""))
+            self.data[start] = f.payload
+        if f.flags & TCP_FIN:
+            self.fin = (start + len(f.payload)) % MOD
+        return len(f.payload)
+
+    def covers(self, start, payload):
+        """True if the secondary sent `payload` at `start`; False if some byte of that
+        range it sent differs; None while part of the range is still missing."""
+        need, pos = len(payload), 0
+        while pos < need:
+            seq = (start + pos) % MOD
+            piece = self.data.get(seq)
+            if piece is None:
+                piece = self._spanning(seq)
+                if piece is None:
+                    return None
+            n = min(len(piece), need - pos)
+            if piece[:n] != payload[pos:pos + n]:
+                return False
+            pos += n
+        return True
+
+    def _spanning(self, seq):
+        """The secondary's bytes from `seq` on, from a segment that began before it."""
+        for start, piece in self.data.items():
+            off = (seq - start) % MOD
+            if off < len(piece):
+                return piece[off:]
+        return None
+
+
+class Comparer:
+    def __init__(self, timeout, max_frames=4096, max_bytes=16 << 20, clock=time.monotonic):
+        self.timeout = timeout
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.clock = clock
+        self.held = collections.deque()          # the primary's frames not yet released
+        self.waiting = {}                        # key -> deque of its unmatched frames
+        self.streams = {}                        # TCP key -> _Stream (the secondary's)
+        self.flows = {}                          # flow key -> deque of payloads
+        self.sec_frames = 0
+        self.sec_bytes = 0
+        self.mismatch = None                     # why the copies diverged, if they did
+        self.stats = collections.Counter()       # compared, matched, mismatched, ...
+
+    # ---- input ---------------------------------------------------------------------------
+
+    def primary(self, raw, seqno):
+        """The primary's guest produced frame number `seqno` (consecutive numbers)."""
+        f = Frame(raw, seqno, self.clock())
+        self.held.append(f)
+        if f.kind == "other":
+            f.matched = True                     # ARP, IPv6, ...: not compared
+            self.stats["passed"] += 1
+            return
+        self.stats["compared"] += 1
+        self.waiting.setdefault(f.key, collections.deque()).append(f)
+        self._match(f.key)
+
+    def secondary(self, raw):
+        """The secondary's guest produced a frame (it never leaves the comparer)."""
+        f = Frame(raw)
+        if f.kind == "tcp":
+            self.sec_bytes += self.streams.setdefault(f.key, _Stream()).add(f)
+        elif f.kind == "flow":
+            self.flows.setdefault(f.key, collections.deque()).append(f.payload)
+            self.sec_bytes += len(f.payload)
+        else:
+            return
+        self.sec_frames += 1
+        self._match(f.key)
+
+    # ---- verdicts ---------------------------------------------------------------------
+
+    def _match(self, key):
+        """Match the waiting frames of one connection or flow, in order."""
+        q = self.waiting.get(key)
+        while q:
+            verdict = self._verdict(q[0])
+            if verdict is None:
+                return                           # wait for more of the secondary's output
+            f = q.popleft()
+            if verdict is False:
+                self.mismatch = self.mismatch or "%s frame %d differs" % (f.kind, f.seqno)
+                self.stats["mismatched"] += 1
+                return
+            f.matched = True
+            self.stats["matched"] += 1
+        self.waiting.pop(key, None)
+
+    def _verdict(self, f):
+        if f.kind == "flow":
+            q = self.flows.get(f.key)
+            if not q:
+                return None
+            return q.popleft() == f.payload
+        s = self.streams.get(f.key)
+        if s is None:
+            return None
+        if f.flags & TCP_RST:
+            return None if s.rst is None else s.rst == f.seq
+        start = f.seq
+        if f.flags & TCP_SYN:
+            if s.syn is None:
+                return None
+            if s.syn != f.seq:
+                return False
+            start = (f.seq + 1) % MOD
+        if f.payload:
+            covered = s.covers(start, f.payload)
+            if covered is not True:
+                return covered
+        if f.flags & TCP_FIN:
+            if s.fin is None:
+                return None
+            if s.fin != (start + len(f.payload)) % MOD:
+                return False
+        if f.flags & TCP_ACK:
+            # the secondary must have the peer's data this segment acknowledges
+            if s.ack is None or not _after(s.ack, f.ack):
+                return None
+        return True
+
+    def releasable(self):
+        """Release the longest prefix of matched frames: returns the frame number up to
+        which (exclusive) the primary's frames may go out, or None if none may."""
+        upto = None
+        while self.held and self.held[0].matched:
+            upto = self.held.popleft().seqno + 1
+        return upto
+
+    def divergence(self):
+        """Why a checkpoint is due now, or None: "mismatch", "timeout" or "bound"."""
+        if self.mismatch:
+            return "mismatch"
+        if self.held and not self.held[0].matched and \
+                self.clock() - self.held[0].born > self.timeout:
+            return "timeout"
+        if len(self.held) > self.max_frames or self.sec_bytes > self.max_bytes or \
+                self.sec_frames > self.max_frames * 4:
+            return "bound"
+        return None
+
+    def new_epoch(self, captured):
+        """A checkpoint: frames up to number `captured` (exclusive; the primary's output
+        mark at its capture) leave with it; the secondary's output so far is dropped and
+        the primary's later frames wait to be compared afresh."""
+        while self.held and self.held[0].seqno < captured:
+            self.held.popleft()
+        self.waiting.clear()
+        for f in self.held:
+            if f.kind != "other":
+                f.matched = False
+                self.waiting.setdefault(f.key, collections.deque()).append(f)
+        self.streams.clear()
+        self.flows.clear()
+        self.sec_frames = self.sec_bytes = 0
+        self.mismatch = None
