@@ -38,6 +38,8 @@ ETHERTYPE_IPV4 = 0x0800
 PROTO_ICMP, PROTO_TCP, PROTO_UDP = 1, 6, 17
 TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 MOD = 1 << 32
+_U16 = struct.Struct(">H").unpack_from
+_TCP = struct.Struct(">HHIIBB").unpack_from
 
 
 def _after(a, b):
@@ -59,10 +61,10 @@ class Frame:
         self.seq = self.ack = self.flags = 0
         self.payload = b""
         self.matched = False
-        if len(raw) < ETH_HLEN + 20 or struct.unpack_from(">H", raw, 12)[0] != ETHERTYPE_IPV4:
+        if len(raw) < ETH_HLEN + 20 or _U16(raw, 12)[0] != ETHERTYPE_IPV4:
             return
         ihl = (raw[ETH_HLEN] & 0x0F) * 4
-        total = struct.unpack_from(">H", raw, ETH_HLEN + 2)[0]
+        total = _U16(raw, ETH_HLEN + 2)[0]
         proto = raw[ETH_HLEN + 9]
         src, dst = raw[ETH_HLEN + 12:ETH_HLEN + 16], raw[ETH_HLEN + 16:ETH_HLEN + 20]
         l4 = ETH_HLEN + ihl
@@ -70,7 +72,7 @@ class Frame:
         if ihl < 20 or end < l4:
             return
         if proto == PROTO_TCP and end >= l4 + 20:
-            sport, dport, seq, ack, off, flags = struct.unpack_from(">HHIIBB", raw, l4)
+            sport, dport, seq, ack, off, flags = _TCP(raw, l4)
             hl = (off >> 4) * 4
             if hl < 20 or l4 + hl > end:
                 return
@@ -92,18 +94,26 @@ class Frame:
 
 
 class _Stream:
-    """What the secondary's guest sent on one TCP connection in this epoch: its bytes by
-    sequence number (SYN and FIN as markers), its highest ACK, a RST if any."""
+    """What the secondary's guest sent on one TCP connection in this epoch: its bytes as one
+    buffer from sequence number `base` on (segments that come ahead of a hole wait in
+    `ahead`), SYN and FIN as markers, its highest ACK, a RST if any. A long stream keeps
+    its last KEEP bytes: what lies before was matched already (`trimmed`), so a primary
+    retransmission of it matches again without the bytes."""
+    KEEP = 1 << 20
 
     def __init__(self):
-        self.data = {}           # seq -> payload bytes of each distinct segment start
+        self.base = None         # sequence number of buf[0]
+        self.buf = bytearray()
+        self.ahead = {}          # offset from base -> bytes, segments past a hole
+        self.trimmed = False     # bytes before base were matched and dropped
         self.syn = None          # the secondary's SYN sequence number
         self.fin = None          # the sequence number its FIN took
         self.ack = None          # highest ACK it sent
         self.rst = None          # sequence number of its RST
-        self.bytes = 0
+        self.matched = 0         # bytes from base on that primary segments matched
 
     def add(self, f):
+        """Take one of the secondary's segments; returns the bytes it added to the store."""
         if f.flags & TCP_ACK and (self.ack is None or _after(f.ack, self.ack)):
             self.ack = f.ack
         if f.flags & TCP_RST:
@@ -113,38 +123,73 @@ class _Stream:
         if f.flags & TCP_SYN:
             self.syn = f.seq
             start = (f.seq + 1) % MOD
-        if f.payload and start not in self.data or \
-                (start in self.data and len(f.payload) > len(self.data[start])):
-            self.bytes += len(f.payload) - len(self.data.get(start, b""))
-            self.data[start] = f.payload
+        added = self._put(start, f.payload) if f.payload else 0
         if f.flags & TCP_FIN:
             self.fin = (start + len(f.payload)) % MOD
-        return len(f.payload)
+        return added
+
+    def _put(self, start, data):
+        if self.base is None:
+            self.base = start
+        off = (start - self.base) % MOD
+        if off >= 1 << 31:                       # begins before the store: cut
+            cut = (self.base - start) % MOD
+            if cut >= len(data):
+                return 0
+            data, off = data[cut:], 0
+        have = len(self.buf)
+        if off > have:                           # past a hole: wait for what comes between
+            old = self.ahead.get(off, b"")
+            if len(data) <= len(old):
+                return 0
+            self.ahead[off] = data
+            return len(data) - len(old)
+        before = have
+        if off + len(data) > have:
+            self.buf += data[have - off:]
+        while self.ahead:                        # segments the new bytes reached
+            joined = [o for o in self.ahead if o <= len(self.buf)]
+            if not joined:
+                break
+            for o in joined:
+                piece = self.ahead.pop(o)
+                if o + len(piece) > len(self.buf):
+                    self.buf += piece[len(self.buf) - o:]
+        return len(self.buf) - before
 
     def covers(self, start, payload):
         """True if the secondary sent `payload` at `start`; False if some byte of that
         range it sent differs; None while part of the range is still missing."""
-        need, pos = len(payload), 0
-        while pos < need:
-            seq = (start + pos) % MOD
-            piece = self.data.get(seq)
-            if piece is None:
-                piece = self._spanning(seq)
-                if piece is None:
-                    return None
-            n = min(len(piece), need - pos)
-            if piece[:n] != payload[pos:pos + n]:
-                return False
-            pos += n
+        if self.base is None:
+            return None
+        off = (start - self.base) % MOD
+        if off >= 1 << 31:
+            cut = (self.base - start) % MOD
+            if not self.trimmed:
+                return None                      # from before this epoch's first byte
+            if cut >= len(payload):
+                return True
+            payload, off = payload[cut:], 0
+        n = len(payload)
+        got = self.buf[off:off + n]
+        if got != payload[:len(got)]:
+            return False
+        if len(got) != n:
+            return None
+        if off + n > self.matched:
+            self.matched = off + n
         return True
 
-    def _spanning(self, seq):
-        """The secondary's bytes from `seq` on, from a segment that began before it."""
-        for start, piece in self.data.items():
-            off = (seq - start) % MOD
-            if off < len(piece):
-                return piece[off:]
-        return None
+    def trim(self):
+        """Drop matched bytes but the last KEEP; returns the bytes dropped."""
+        drop = min(len(self.buf) - self.KEEP, self.matched - self.KEEP)
+        if drop <= 0 or self.ahead:
+            return 0
+        self.matched -= drop
+        del self.buf[:drop]
+        self.base = (self.base + drop) % MOD
+        self.trimmed = True
+        return drop
 
 
 class Comparer:
@@ -180,13 +225,18 @@ class Comparer:
         """The secondary's guest produced a frame (it never leaves the comparer)."""
         f = Frame(raw)
         if f.kind == "tcp":
-            self.sec_bytes += self.streams.setdefault(f.key, _Stream()).add(f)
+            st = self.streams.get(f.key)
+            if st is None:
+                st = self.streams[f.key] = _Stream()
+            self.sec_bytes += st.add(f)
+            if len(st.buf) > 2 * st.KEEP:
+                self.sec_bytes -= st.trim()
         elif f.kind == "flow":
             self.flows.setdefault(f.key, collections.deque()).append(f.payload)
             self.sec_bytes += len(f.payload)
+            self.sec_frames += 1
         else:
             return
-        self.sec_frames += 1
         self._match(f.key)
 
     # ---- verdicts ---------------------------------------------------------------------
@@ -212,7 +262,10 @@ class Comparer:
             q = self.flows.get(f.key)
             if not q:
                 return None
-            return q.popleft() == f.payload
+            payload = q.popleft()
+            self.sec_bytes -= len(payload)
+            self.sec_frames -= 1
+            return payload == f.payload
         s = self.streams.get(f.key)
         if s is None:
             return None
@@ -249,16 +302,28 @@ class Comparer:
         return upto
 
     def divergence(self):
-        """Why a checkpoint is due now, or None: "mismatch", "timeout" or "bound"."""
+        """Why a checkpoint is due now, or None: "mismatch", "timeout" or "bound". Call it
+        after releasable(): the oldest held frame is then the oldest unmatched one."""
         if self.mismatch:
             return "mismatch"
         if self.held and not self.held[0].matched and \
                 self.clock() - self.held[0].born > self.timeout:
             return "timeout"
-        if len(self.held) > self.max_frames or self.sec_bytes > self.max_bytes or \
-                self.sec_frames > self.max_frames * 4:
+        if len(self.held) >= self.max_frames or self.sec_bytes >= self.max_bytes or \
+                self.sec_frames >= self.max_frames:
             return "bound"
         return None
+
+    def deadline(self):
+        """When the oldest held frame times out (clock time), or None."""
+        return self.held[0].born + self.timeout if self.held else None
+
+    def restart_clock(self):
+        """The secondary's guest runs again (vmstate-loaded): the frames held meanwhile
+        have waited for a copy that was not running; their time starts now."""
+        now = self.clock()
+        for f in self.held:
+            f.born = now
 
     def new_epoch(self, captured):
         """A checkpoint: frames up to number `captured` (exclusive; the primary's output
