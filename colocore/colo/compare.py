@@ -314,6 +314,17 @@ class Comparer:
             return "bound"
         return None
 
+    def describe(self, cause):
+        """One line on what made `cause` (for the log)."""
+        if cause == "mismatch":
+            return self.mismatch
+        if cause == "timeout" and self.held:
+            f = self.held[0]
+            return "%s frame %d unmatched (%s, flags 0x%02x, seq %d, ack %d, %d bytes)" % (
+                f.kind, f.seqno, f.key[1:2] + f.key[3:] if f.kind == "tcp" else f.key,
+                f.flags, f.seq, f.ack, len(f.payload))
+        return "%d frames held, %d bytes of the secondary's output" % (len(self.held), self.sec_bytes)
+
     def deadline(self):
         """When the oldest held frame times out (clock time), or None."""
         return self.held[0].born + self.timeout if self.held else None

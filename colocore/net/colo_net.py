@@ -63,6 +63,7 @@ class ColoNet:
         self.hybrid = False
         self.comparer = None            # PrimaryComparer, a hybrid primary with mirror=
         self._tee = None                # a hybrid secondary's socket toward the comparer
+        self._cmp_sock = None           # a primary's socket for the secondary's output
 
     # ---- a destination: from start-up ----------------------------------------------------
 
@@ -125,12 +126,19 @@ class ColoNet:
         if not self.spec.mirror:
             return lambda: None
         self.mirror = TapMirror(self.backend.ifname, self.spec.mirror).install()
+        # A hybrid secondary sends its first frames (marker 0 first) as soon as it loaded
+        # the initial state, before this primary's COLO loop runs: the socket that
+        # receives them for the comparer is opened now, so that none is lost.
+        self._cmp_sock = link_socket(self.spec.mirror, "the secondary's output")
         return self._remove_mirror
 
     def _remove_mirror(self):
         m, self.mirror = self.mirror, None
         if m is not None:
             m.teardown()
+        sock, self._cmp_sock = self._cmp_sock, None
+        if sock is not None:
+            sock.close()
 
     def begin(self, mode):
         self.mode = mode
@@ -151,8 +159,10 @@ class ColoNet:
             return False
         self.hybrid = True
         if self.mode == "primary":
-            self.comparer = PrimaryComparer(self.machine, self.spec.mirror, timeout_s,
-                                            request).start()
+            if self._cmp_sock is None:
+                self._cmp_sock = link_socket(self.spec.mirror, "the secondary's output")
+            sock, self._cmp_sock = self._cmp_sock, None
+            self.comparer = PrimaryComparer(self.machine, sock, timeout_s, request).start()
             return True
         self._tee = link_socket(self.spec.mirror, "the guest's output toward the comparer")
         nic.path.tee_fd = self._tee.fileno()

@@ -99,14 +99,14 @@ def link_socket(ifname, what):
 class PrimaryComparer:
     """The primary's comparer thread (see the module doc)."""
 
-    def __init__(self, machine, link, timeout_s, request_checkpoint):
+    def __init__(self, machine, sock, timeout_s, request_checkpoint):
         self.machine = machine
         self.nic = machine.nic
-        self.link = link
+        self.sock = sock                # link_socket() on the mirror link (it closes it)
+        self.link = socket.if_indextoname(sock.getsockname()[1])
         self.request_checkpoint = request_checkpoint     # (cause) -> None, any thread
         self.cmp = Comparer(timeout_s)
         self.lock = threading.Lock()
-        self.sock = None
         self.rx = FrameLog(65536, 64 << 20)     # the secondary's frames, per wake-up
         self.event_fd = -1
         self._wake_r = self._wake_w = None
@@ -123,7 +123,6 @@ class PrimaryComparer:
         self.epoch_mark = 0             # the last checkpoint's mark
 
     def start(self):
-        self.sock = link_socket(self.link, "the secondary's output")
         self.event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         with self.lock:
@@ -204,6 +203,7 @@ class PrimaryComparer:
                 # asked under the lock: epoch_start() then either precedes it (a request
                 # for the new epoch) or follows it (the checkpoint loop drops it)
                 self.requested = cause
+                log.info("COLO hybrid: checkpoint for a %s: %s", cause, c.describe(cause))
                 self.request_checkpoint(cause)
         if upto is not None:
             # through Machine.release_output, so that a fence on releases (the arbiter's
