@@ -29,6 +29,7 @@ its suspension is dropped: comparing starts afresh from the checkpoint's state.
 Pure Python: a handful of dict lookups and one bytes comparison per frame, no loop over
 bytes. The frames are only read, never changed.
 """
+import bisect
 import collections
 import struct
 import time
@@ -38,6 +39,7 @@ ETHERTYPE_IPV4 = 0x0800
 PROTO_ICMP, PROTO_TCP, PROTO_UDP = 1, 6, 17
 TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 MOD = 1 << 32
+PAIRED_KEEP = 4096
 _U16 = struct.Struct(">H").unpack_from
 _TCP = struct.Struct(">HHIIBB").unpack_from
 
@@ -52,15 +54,21 @@ class Frame:
     __slots__ = ("seqno", "raw", "born", "kind", "key", "seq", "ack", "flags", "payload",
                  "matched")
 
-    def __init__(self, raw, seqno=None, born=0.0):
+    def __init__(self, raw, seqno=None, born=0.0, parse=True):
         self.raw = raw
         self.seqno = seqno
         self.born = born
+        self.kind = None
+        self.matched = False
+        if parse:
+            self.parse()
+
+    def parse(self):
+        raw = self.raw
         self.kind = "other"
         self.key = None
         self.seq = self.ack = self.flags = 0
         self.payload = b""
-        self.matched = False
         if len(raw) < ETH_HLEN + 20 or _U16(raw, 12)[0] != ETHERTYPE_IPV4:
             return
         ihl = (raw[ETH_HLEN] & 0x0F) * 4
@@ -93,24 +101,30 @@ class Frame:
                 + (1 if self.flags & TCP_FIN else 0)) % MOD
 
 
+def _rel(seq, origin):
+    """seq relative to origin, as a signed 32-bit TCP distance."""
+    return ((seq - origin + (1 << 31)) % MOD) - (1 << 31)
+
+
 class _Stream:
-    """What the secondary's guest sent on one TCP connection in this epoch: its bytes as one
-    buffer from sequence number `base` on (segments that come ahead of a hole wait in
-    `ahead`), SYN and FIN as markers, its highest ACK, a RST if any. A long stream keeps
-    its last KEEP bytes: what lies before was matched already (`trimmed`), so a primary
-    retransmission of it matches again without the bytes."""
+    """What the secondary's guest sent on one TCP connection in this epoch: its segments by
+    start (relative to the first one seen; they may come in any order, as the fast path
+    parses some of them late), SYN and FIN as markers, its highest ACK, a RST if any.
+    Segments wholly before `floor` were matched and dropped (trim), so a primary
+    retransmission of those bytes matches again without them."""
     KEEP = 1 << 20
 
     def __init__(self):
-        self.base = None         # sequence number of buf[0]
-        self.buf = bytearray()
-        self.ahead = {}          # offset from base -> bytes, segments past a hole
-        self.trimmed = False     # bytes before base were matched and dropped
+        self.origin = None       # sequence number offsets count from
+        self.segs = {}           # offset -> bytes (the longest seen at that offset)
+        self.starts = []         # their offsets, sorted
+        self.floor = None        # bytes before this offset were matched and dropped
+        self.matched = None      # offset up to which primary segments matched
+        self.held = 0            # bytes in segs
         self.syn = None          # the secondary's SYN sequence number
         self.fin = None          # the sequence number its FIN took
         self.ack = None          # highest ACK it sent
         self.rst = None          # sequence number of its RST
-        self.matched = 0         # bytes from base on that primary segments matched
 
     def add(self, f):
         """Take one of the secondary's segments; returns the bytes it added to the store."""
@@ -123,73 +137,69 @@ class _Stream:
         if f.flags & TCP_SYN:
             self.syn = f.seq
             start = (f.seq + 1) % MOD
-        added = self._put(start, f.payload) if f.payload else 0
+        added = 0
+        if f.payload:
+            if self.origin is None:
+                self.origin = start
+            off = _rel(start, self.origin)
+            old = self.segs.get(off)
+            if old is None:
+                bisect.insort(self.starts, off)
+                self.segs[off] = f.payload
+                added = len(f.payload)
+            elif len(f.payload) > len(old):
+                self.segs[off] = f.payload
+                added = len(f.payload) - len(old)
+            self.held += added
         if f.flags & TCP_FIN:
             self.fin = (start + len(f.payload)) % MOD
         return added
 
-    def _put(self, start, data):
-        if self.base is None:
-            self.base = start
-        off = (start - self.base) % MOD
-        if off >= 1 << 31:                       # begins before the store: cut
-            cut = (self.base - start) % MOD
-            if cut >= len(data):
-                return 0
-            data, off = data[cut:], 0
-        have = len(self.buf)
-        if off > have:                           # past a hole: wait for what comes between
-            old = self.ahead.get(off, b"")
-            if len(data) <= len(old):
-                return 0
-            self.ahead[off] = data
-            return len(data) - len(old)
-        before = have
-        if off + len(data) > have:
-            self.buf += data[have - off:]
-        while self.ahead:                        # segments the new bytes reached
-            joined = [o for o in self.ahead if o <= len(self.buf)]
-            if not joined:
-                break
-            for o in joined:
-                piece = self.ahead.pop(o)
-                if o + len(piece) > len(self.buf):
-                    self.buf += piece[len(self.buf) - o:]
-        return len(self.buf) - before
+    def _piece(self, pos):
+        """(offset, bytes) of a segment holding offset pos, or None."""
+        i = bisect.bisect_right(self.starts, pos) - 1
+        for j in range(i, max(i - 8, -1), -1):     # overlapping segments: a few back
+            o = self.starts[j]
+            if pos < o + len(self.segs[o]):
+                return o, self.segs[o]
+        return None
 
     def covers(self, start, payload):
         """True if the secondary sent `payload` at `start`; False if some byte of that
         range it sent differs; None while part of the range is still missing."""
-        if self.base is None:
+        if self.origin is None:
             return None
-        off = (start - self.base) % MOD
-        if off >= 1 << 31:
-            cut = (self.base - start) % MOD
-            if not self.trimmed:
-                return None                      # from before this epoch's first byte
-            if cut >= len(payload):
-                return True
-            payload, off = payload[cut:], 0
-        n = len(payload)
-        got = self.buf[off:off + n]
-        if got != payload[:len(got)]:
-            return False
-        if len(got) != n:
-            return None
-        if off + n > self.matched:
-            self.matched = off + n
+        pos = _rel(start, self.origin)
+        end = pos + len(payload)
+        if self.floor is not None and pos < self.floor:
+            pos = min(self.floor, end)                # matched before, dropped since
+        while pos < end:
+            found = self._piece(pos)
+            if found is None:
+                return None
+            o, piece = found
+            n = min(o + len(piece), end) - pos
+            at = pos - (end - len(payload))
+            if piece[pos - o:pos - o + n] != payload[at:at + n]:
+                return False
+            pos += n
+        if self.matched is None or end > self.matched:
+            self.matched = end
         return True
 
     def trim(self):
-        """Drop matched bytes but the last KEEP; returns the bytes dropped."""
-        drop = min(len(self.buf) - self.KEEP, self.matched - self.KEEP)
-        if drop <= 0 or self.ahead:
+        """Drop segments that end KEEP bytes before what was matched; returns bytes dropped."""
+        if self.matched is None:
             return 0
-        self.matched -= drop
-        del self.buf[:drop]
-        self.base = (self.base + drop) % MOD
-        self.trimmed = True
-        return drop
+        limit = self.matched - self.KEEP
+        dropped = 0
+        while self.starts and self.starts[0] + len(self.segs[self.starts[0]]) <= limit:
+            o = self.starts.pop(0)
+            dropped += len(self.segs.pop(o))
+        if dropped:
+            self.floor = limit if self.floor is None else max(self.floor, limit)
+            self.held -= dropped
+        return dropped
 
 
 class Comparer:
@@ -206,30 +216,116 @@ class Comparer:
         self.sec_bytes = 0
         self.mismatch = None                     # why the copies diverged, if they did
         self.stats = collections.Counter()       # compared, matched, mismatched, ...
+        # the fast path: frames not parsed yet, by their bytes
+        self.pri_raw = {}                        # bytes -> deque of the primary's Frames
+        self.pri_pending = 0
+        self.sec_raw = {}                        # bytes -> count of the secondary's frames
+        self.sec_pending = 0
+        self.lag_us = 0                          # how long primary frames waited for their
+        self.lagged = 0                          # pair (those that came first), in total
+        # the secondary's TCP frames paired by bytes lately, for a primary retransmission
+        self.sec_paired = collections.deque(maxlen=PAIRED_KEEP)
 
     # ---- input ---------------------------------------------------------------------------
+    # The fast path: two deterministic copies mostly send byte-identical frames, and a
+    # primary frame equal byte for byte to one of the secondary's is matched by the rules
+    # below too (same connection, bytes, flags and ACK). So frames are first paired by
+    # their bytes, with one dict operation and no parsing; only when both sides hold
+    # frames the other has not (another segmentation, ACKs sent at other times, or a
+    # divergence) does settle() parse the unpaired ones into the rules. A pairing that
+    # settle() misses (bytes of the secondary paired by bytes, later needed by another
+    # segmentation of the primary) ends in a timeout, i.e. a checkpoint: never a release
+    # of what the secondary did not produce.
 
     def primary(self, raw, seqno):
         """The primary's guest produced frame number `seqno` (consecutive numbers)."""
-        f = Frame(raw, seqno, self.clock())
+        f = Frame(raw, seqno, self.clock(), parse=False)
         self.held.append(f)
-        if f.kind == "other":
+        if raw[12:14] != b"\x08\x00":
+            f.kind = "other"
             f.matched = True                     # ARP, IPv6, ...: not compared
             self.stats["passed"] += 1
             return
         self.stats["compared"] += 1
-        self.waiting.setdefault(f.key, collections.deque()).append(f)
-        self._match(f.key)
+        n = self.sec_raw.get(raw)
+        if n:
+            if n == 1:
+                del self.sec_raw[raw]
+            else:
+                self.sec_raw[raw] = n - 1
+            self.sec_pending -= 1
+            self.sec_bytes -= len(raw)
+            f.matched = True
+            self.stats["matched"] += 1
+            self.sec_paired.append(raw)
+            return
+        q = self.pri_raw.get(raw)
+        if q is None:
+            self.pri_raw[raw] = collections.deque((f,))
+        else:
+            q.append(f)
+        self.pri_pending += 1
 
     def secondary(self, raw):
         """The secondary's guest produced a frame (it never leaves the comparer)."""
+        if raw[12:14] != b"\x08\x00":
+            return
+        q = self.pri_raw.get(raw)
+        if q:
+            f = q.popleft()
+            if not q:
+                del self.pri_raw[raw]
+            self.pri_pending -= 1
+            f.matched = True
+            self.stats["matched"] += 1
+            self.sec_paired.append(raw)
+            self.lag_us += int((self.clock() - f.born) * 1e6)
+            self.lagged += 1
+            return
+        self.sec_raw[raw] = self.sec_raw.get(raw, 0) + 1
+        self.sec_pending += 1
+        self.sec_bytes += len(raw)
+
+    def settle(self):
+        """When both sides hold unpaired frames: parse them and apply the rules."""
+        if self.sec_pending and (self.pri_pending or self.waiting):
+            self._apply_rules()
+
+    def _apply_rules(self):
+        """Parse every unpaired frame into the rules; the secondary's TCP frames paired by
+        bytes lately go in too (an unpaired primary segment may span them, or retransmit
+        them), each parsed once."""
+        paired, self.sec_paired = self.sec_paired, collections.deque(maxlen=PAIRED_KEEP)
+        for raw in paired:
+            f = Frame(raw)
+            if f.kind == "tcp":
+                st = self.streams.get(f.key)
+                if st is None:
+                    st = self.streams[f.key] = _Stream()
+                self.sec_bytes += st.add(f)
+        sec, self.sec_raw, self.sec_pending = self.sec_raw, {}, 0
+        for raw, n in sec.items():
+            self.sec_bytes -= len(raw) * n
+            for _ in range(n):
+                self._slow_secondary(raw)
+        pri, self.pri_raw, self.pri_pending = self.pri_raw, {}, 0
+        for f in sorted((f for q in pri.values() for f in q), key=lambda f: f.seqno):
+            f.parse()
+            if f.kind == "other":                # IPv4, but nothing the rules compare
+                f.matched = True
+                continue
+            self.waiting.setdefault(f.key, collections.deque()).append(f)
+        for key in list(self.waiting):
+            self._match(key)
+
+    def _slow_secondary(self, raw):
         f = Frame(raw)
         if f.kind == "tcp":
             st = self.streams.get(f.key)
             if st is None:
                 st = self.streams[f.key] = _Stream()
             self.sec_bytes += st.add(f)
-            if len(st.buf) > 2 * st.KEEP:
+            if st.held > 2 * st.KEEP:
                 self.sec_bytes -= st.trim()
         elif f.kind == "flow":
             self.flows.setdefault(f.key, collections.deque()).append(f.payload)
@@ -296,6 +392,7 @@ class Comparer:
     def releasable(self):
         """Release the longest prefix of matched frames: returns the frame number up to
         which (exclusive) the primary's frames may go out, or None if none may."""
+        self.settle()
         upto = None
         while self.held and self.held[0].matched:
             upto = self.held.popleft().seqno + 1
@@ -304,13 +401,18 @@ class Comparer:
     def divergence(self):
         """Why a checkpoint is due now, or None: "mismatch", "timeout" or "bound". Call it
         after releasable(): the oldest held frame is then the oldest unmatched one."""
+        self.settle()
+        if self.held and not self.held[0].matched and not self.mismatch:
+            if self.clock() - self.held[0].born > self.timeout / 2 and \
+                    (self.sec_paired or self.pri_pending):
+                self._apply_rules()             # a primary retransmission, perhaps
         if self.mismatch:
             return "mismatch"
         if self.held and not self.held[0].matched and \
                 self.clock() - self.held[0].born > self.timeout:
             return "timeout"
         if len(self.held) >= self.max_frames or self.sec_bytes >= self.max_bytes or \
-                self.sec_frames >= self.max_frames:
+                self.sec_frames + self.sec_pending >= self.max_frames:
             return "bound"
         return None
 
@@ -320,6 +422,8 @@ class Comparer:
             return self.mismatch
         if cause == "timeout" and self.held:
             f = self.held[0]
+            if f.kind is None:
+                f.parse()
             return "%s frame %d unmatched (%s, flags 0x%02x, seq %d, ack %d, %d bytes)" % (
                 f.kind, f.seqno, f.key[1:2] + f.key[3:] if f.kind == "tcp" else f.key,
                 f.flags, f.seq, f.ack, len(f.payload))
@@ -343,10 +447,19 @@ class Comparer:
         while self.held and self.held[0].seqno < captured:
             self.held.popleft()
         self.waiting.clear()
+        self.pri_raw.clear()
+        self.sec_raw.clear()
+        self.sec_paired.clear()
+        self.pri_pending = self.sec_pending = 0
         for f in self.held:
             if f.kind != "other":
                 f.matched = False
-                self.waiting.setdefault(f.key, collections.deque()).append(f)
+                q = self.pri_raw.get(f.raw)
+                if q is None:
+                    self.pri_raw[f.raw] = collections.deque((f,))
+                else:
+                    q.append(f)
+                self.pri_pending += 1
         self.streams.clear()
         self.flows.clear()
         self.sec_frames = self.sec_bytes = 0

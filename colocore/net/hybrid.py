@@ -254,4 +254,7 @@ class PrimaryComparer:
         return {"compared": st["compared"], "matched": st["matched"],
                 "mismatched": st["mismatched"], "passed": st["passed"],
                 "held": len(self.cmp.held), "released": self.released,
-                "stale": self.stale, "timeout-ms": round(self.cmp.timeout * 1000, 3)}
+                "stale": self.stale, "timeout-ms": round(self.cmp.timeout * 1000, 3),
+                "paired-after": self.cmp.lagged,
+                "mean-lag-ms": round(self.cmp.lag_us / self.cmp.lagged / 1000, 3)
+                if self.cmp.lagged else 0.0}
