@@ -18,6 +18,7 @@ import logging
 import time
 
 from colocore.colo import faults
+from colocore.colo.compare import Comparer
 from colocore.colo.failover import FailoverState
 from colocore.errors import ColocoreError, StreamError
 from colocore.migration.transport import Msg, PeerLost, PeerTookOver
@@ -48,7 +49,7 @@ def run(colo, ch, checkpointer):
             # the comparer releases the guest's frames as soon as the secondary's guest
             # produced the same, and asks for a checkpoint when they diverge
             colo.stats.compare_active = colo.network.hybrid_begin(
-                params["x-compare-timeout"] / 1000.0, colo.request_checkpoint)
+                Comparer(params["x-compare-timeout"] / 1000.0), colo.request_checkpoint)
         while colo.failover.state == FailoverState.NONE:
             woken = _wait_delay(colo, ch, params, checkpointer.precopy)
             if colo.failover.state != FailoverState.NONE:

@@ -52,7 +52,7 @@ def run(colo, ch):
             m.memory.harvest()          # from here on, its own writes are what it dirties
             # its frames go to the primary's comparer from now on (after marker 0), its
             # input comes live from the mirror log
-            colo.network.hybrid_begin(None, None)
+            colo.network.hybrid_begin(starve=faults.HYBRID_STARVE)
             m.resume("colo")
         ch.send_msg(Msg.CHECKPOINT_READY)
         silence = colo.arbiter.silence_s if colo.arbiter is not None else SILENCE_TIMEOUT

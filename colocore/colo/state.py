@@ -37,7 +37,9 @@ class NoNetwork:
     takeover()              secondary failover, before the guest runs: replay, attach
     status()                the "net" part of query-colo-status (None: no NIC)
     hybrid COLO (x-colo-hybrid), net/hybrid.py:
-    hybrid_begin(timeout_s, request)  both sides, COLO starts; False: nothing to compare
+    hybrid_begin(comparer, request, starve)  both sides, COLO starts (primary: compare
+                            with `comparer`, ask `request(cause)` for checkpoints);
+                            False: nothing to compare
     hybrid_suspend(epoch)   secondary, its guest parked at checkpoint-request `epoch`
     hybrid_resume()         secondary, a checkpoint loaded, its guest still parked
     hybrid_epoch(epoch, mark)  primary, vmstate-received: compare afresh after `mark`
@@ -61,7 +63,7 @@ class NoNetwork:
     def status(self):
         return None
 
-    def hybrid_begin(self, timeout_s, request):
+    def hybrid_begin(self, comparer=None, request=None, starve=False):
         return False
 
     def hybrid_suspend(self, epoch):

@@ -61,6 +61,7 @@ class ColoNet:
         self.held_total = 0
         self.released_total = 0
         self.hybrid = False
+        self.starve = False
         self.comparer = None            # PrimaryComparer, a hybrid primary with mirror=
         self._tee = None                # a hybrid secondary's socket toward the comparer
         self._cmp_sock = None           # a primary's socket for the secondary's output
@@ -149,20 +150,22 @@ class ColoNet:
 
     # ---- hybrid COLO (net/hybrid.py) --------------------------------------------------
 
-    def hybrid_begin(self, timeout_s=None, request=None):
+    def hybrid_begin(self, comparer=None, request=None, starve=False):
         """Hybrid COLO starts. Primary: the comparer thread (needs mirror=: the link also
         carries the secondary's output). Secondary, its guest parked at the initial state:
         its transmitted frames go to the link from now on, after marker 0, and its input
-        is fed live from the log. Returns False when there is nothing to compare."""
+        is fed live from the log (never with starve, a fault for tests: colo/faults.py).
+        Returns False when there is nothing to compare."""
         nic = self.machine.nic
         if nic is None or not self.spec.mirror:
             return False
         self.hybrid = True
+        self.starve = starve
         if self.mode == "primary":
             if self._cmp_sock is None:
                 self._cmp_sock = link_socket(self.spec.mirror, "the secondary's output")
             sock, self._cmp_sock = self._cmp_sock, None
-            self.comparer = PrimaryComparer(self.machine, sock, timeout_s, request).start()
+            self.comparer = PrimaryComparer(self.machine, sock, comparer, request).start()
             return True
         self._tee = link_socket(self.spec.mirror, "the guest's output toward the comparer")
         nic.path.tee_fd = self._tee.fileno()
@@ -185,7 +188,7 @@ class ColoNet:
         """Secondary, a checkpoint loaded and matched, its guest still parked: the tap's
         queue holds frames fed for the state it had, not for the checkpoint's: empty it,
         then feed from the frame after the checkpoint's last consumed one."""
-        if self.mlog is None or self._inject_sock is None:
+        if self.mlog is None or self._inject_sock is None or self.starve:
             return
         try:
             self._drain_tap()

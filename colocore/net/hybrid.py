@@ -39,7 +39,6 @@ import threading
 
 from colocore_ext.framelog import FrameLog
 
-from colocore.colo.compare import Comparer
 from colocore.net.tap import NicError
 
 log = logging.getLogger("colocore.net")
@@ -99,13 +98,13 @@ def link_socket(ifname, what):
 class PrimaryComparer:
     """The primary's comparer thread (see the module doc)."""
 
-    def __init__(self, machine, sock, timeout_s, request_checkpoint):
+    def __init__(self, machine, sock, comparer, request_checkpoint):
         self.machine = machine
         self.nic = machine.nic
         self.sock = sock                # link_socket() on the mirror link (it closes it)
-        self.link = socket.if_indextoname(sock.getsockname()[1])
+        self.link = sock.getsockname()[0]
         self.request_checkpoint = request_checkpoint     # (cause) -> None, any thread
-        self.cmp = Comparer(timeout_s)
+        self.cmp = comparer             # colo/compare.py's Comparer
         self.lock = threading.Lock()
         self.rx = FrameLog(65536, 64 << 20)     # the secondary's frames, per wake-up
         self.event_fd = -1
@@ -253,7 +252,8 @@ class PrimaryComparer:
         st = self.cmp.stats
         return {"compared": st["compared"], "matched": st["matched"],
                 "mismatched": st["mismatched"], "passed": st["passed"],
-                "held": len(self.cmp.held), "released": self.released,
+                "held": len(self.cmp.held), "held-max": self.cmp.held_max,
+                "bound-frames": self.cmp.max_frames, "released": self.released,
                 "stale": self.stale, "timeout-ms": round(self.cmp.timeout * 1000, 3),
                 "paired-after": self.cmp.lagged,
                 "mean-lag-ms": round(self.cmp.lag_us / self.cmp.lagged / 1000, 3)

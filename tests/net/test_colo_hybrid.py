@@ -3,11 +3,14 @@ input as the primary's (fed live from the mirror log), its frames go back over t
 link to the primary's comparer and never reach a client, and the primary's frames leave
 as soon as both copies produced them, not at the next checkpoint. --colo-verify checks
 that every load makes the secondary's RAM the primary's."""
+import socket
+import struct
 import time
 
 from colocore.tools.procs import protect, wait_until
 
-from netkit import colo_hosts, link_stats, need_redis_py, wait_resp
+from netkit import (GUEST_IP, checksum, colo_hosts, icmp_ping, link_stats, need_redis_py,
+                    wait_resp)
 
 DELAY = 60000           # the periodic backstop: no checkpoint of that cause in these tests
 
@@ -26,9 +29,14 @@ def _hybrid_pair(nodes, ch, timeout_ms=None):
 
 def _redis(ch):
     redis = need_redis_py()
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
     with ch.lab.enter(ch.c):
-        r = redis.Redis(host="10.0.0.2", port=6379, socket_timeout=20,
-                        socket_connect_timeout=10)
+        # one connection, made here, never again: a retry would reconnect outside the
+        # client's namespace
+        r = redis.Redis(host=GUEST_IP, port=6379, socket_timeout=20, socket_connect_timeout=10,
+                        single_connection_client=True, retry=Retry(NoBackoff(), 0),
+                        retry_on_error=[])
         r.ping()
     return r
 
@@ -69,3 +77,84 @@ def test_redis_py_in_hybrid_mode_replies_leave_on_a_match_not_a_checkpoint(nodes
         assert "checkpoint mode: hybrid" in info and "hybrid: frames compared" in info, info
         assert "x-compare-timeout: 20 ms" in pri.hmp("info migrate_parameters")
         r.close()
+
+
+def test_a_guest_made_to_diverge_takes_mismatch_checkpoints_and_clients_see_one_answer(nodes):
+    """TIME answers from the host's clock: the two copies send different bytes, the
+    comparer finds the mismatch, a checkpoint releases the primary's reply. Each client
+    gets exactly one reply per command, the primary's: its clock never goes back."""
+    with colo_hosts("cci") as ch:
+        pri, sec = _hybrid_pair(nodes, ch)
+        clients = [_redis(ch) for _ in range(3)]
+        last = [(0, 0)] * len(clients)
+        rounds = 8
+        for k in range(rounds):
+            for i, r in enumerate(clients):
+                t = r.time()
+                assert isinstance(t, tuple) and len(t) == 2 and 0 <= t[1] < 10 ** 6, t
+                assert t >= last[i], "client %d: TIME went back from %s to %s" % (i, last[i], t)
+                last[i] = t
+                assert r.set("d%d-%d" % (i, k), "x%d" % k) is True    # the stream stays in step
+        for i, r in enumerate(clients):
+            assert r.mget(["d%d-%d" % (i, k) for k in range(rounds)]) == \
+                [("x%d" % k).encode() for k in range(rounds)]
+            r.close()
+        st = pri.qmp("query-colo-status")
+        assert st["checkpoint-causes"]["mismatch"] >= rounds, st
+        assert st["net"]["compare"]["mismatched"] >= rounds, st["net"]["compare"]
+        ss = sec.qmp("query-colo-status")
+        assert ss["verified"] >= rounds and ss["verify-mismatches"] == 0, ss
+        assert link_stats(ch.lab, ch.s, "taps")["rx_packets"] == 0
+
+
+def test_the_comparer_is_bounded_a_flood_at_the_bound_is_a_checkpoint_not_a_drop(nodes):
+    """A secondary that gets no input (COLOCORE_HYBRID_STARVE) never matches anything; with
+    long x-compare-timeout and x-checkpoint-delay the primary's held frames reach the
+    comparer's bound under an ICMP echo flood: that is a checkpoint (cause "bound") that
+    releases them. No frame the guest sent is dropped, and the held frames stay near the
+    bound (what comes while the bound's checkpoint is under way comes on top)."""
+    with colo_hosts("ccj") as ch:
+        sec, uri = ch.start_secondary(nodes, "s", env={"COLOCORE_HYBRID_STARVE": "1"})
+        pri = ch.start_primary(nodes, "p")
+        sec.wait_monitor()
+        wait_resp(ch.lab, ch.c, node=pri).close()
+        assert icmp_ping(ch.lab, ch.c, GUEST_IP, count=1)     # ARP resolved before
+        pri.qmp("migrate-set-parameters", {"x-compare-timeout": 60000})
+        protect(pri, uri, DELAY, capabilities=("x-colo-hybrid",))
+        with ch.lab.enter(ch.c):
+            s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        s.settimeout(0.5)
+        n, seen = 6000, set()
+        try:
+            for seq in range(n):
+                body = struct.pack("!BBHHH", 8, 0, 0, 0x4242, seq) + bytes(16)
+                s.sendto(body[:2] + struct.pack("!H", checksum(body)) + body[4:], (GUEST_IP, 0))
+                if seq % 100 == 99:
+                    time.sleep(0.002)               # the tap's queue: 1,000 frames
+            deadline = time.monotonic() + 20
+            while len(seen) < 4096 and time.monotonic() < deadline:
+                try:
+                    data = s.recv(2048)
+                except socket.timeout:
+                    continue
+                icmp = data[(data[0] & 0xF) * 4:]
+                if icmp[0] == 0 and icmp[4:6] == b"\x42\x42":
+                    seen.add(struct.unpack("!H", icmp[6:8])[0])
+            st = pri.qmp("query-colo-status")
+            cmp = st["net"]["compare"]
+            assert st["checkpoint-causes"]["bound"] >= 1, st
+            assert len(seen) >= 4096, "%d echo replies came out at the bound" % len(seen)
+            assert cmp["held-max"] <= 2 * cmp["bound-frames"], cmp
+            # the rest goes with the next checkpoint (asked for here): nothing was dropped
+            pri.qmp("migrate-set-parameters", {"x-checkpoint-delay": DELAY})
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                net = pri.qmp("x-query-net")
+                if net["tx-held"] == 0:
+                    break
+                time.sleep(0.1)
+            assert net["tx-held"] == 0 and net["counters"]["tx_dropped"] == 0, net
+            assert net["tx-written"] >= net["counters"]["tx_frames"] - 1, net
+        finally:
+            s.close()
