@@ -3,13 +3,14 @@ input as the primary's (fed live from the mirror log), its frames go back over t
 link to the primary's comparer and never reach a client, and the primary's frames leave
 as soon as both copies produced them, not at the next checkpoint. --colo-verify checks
 that every load makes the secondary's RAM the primary's."""
+import signal
 import socket
 import struct
 import time
 
 from colocore.tools.procs import protect, wait_until
 
-from netkit import (GUEST_IP, checksum, colo_hosts, icmp_ping, link_stats, need_redis_py,
+from netkit import (GUEST_IP, PipelineWriter, checksum, colo_hosts, icmp_ping, link_stats, need_redis_py,
                     wait_resp)
 
 DELAY = 60000           # the periodic backstop: no checkpoint of that cause in these tests
@@ -158,3 +159,83 @@ def test_the_comparer_is_bounded_a_flood_at_the_bound_is_a_checkpoint_not_a_drop
             assert net["tx-written"] >= net["counters"]["tx_frames"] - 1, net
         finally:
             s.close()
+
+
+def test_primary_sigkill_in_hybrid_mode_one_tcp_connection_carries_on(nodes):
+    """The guarantees of periodic mode (test_colo_failover_tcp.py), in hybrid mode and with
+    fewer trials: the primary killed from outside or at a crash point of its checkpoint
+    loop, x_colo_lost_heartbeat on the secondary, whose guest carries on from where it
+    runs (no rollback): the same connection, every acknowledged SET there."""
+    plans = [("external", 0), ("after-received", 2), ("mid-ram", 2)]
+
+    def env(plan):
+        return None if plan[0] == "external" else {"COLOCORE_CRASH_AT": "%s:%d" % plan}
+
+    with colo_hosts("cck") as ch:
+        where = "p"
+        sec, uri = ch.start_secondary(nodes, "s", name="n1", port=5601, env=env(plans[1]))
+        pri = ch.start_primary(nodes, "p", name="n0", env=env(plans[0]))
+        sec.wait_monitor()
+        wait_resp(ch.lab, ch.c, node=pri).close()
+        w = PipelineWriter(ch.lab, ch.c, batch=16).start()
+        try:
+            for trial, (point, k) in enumerate(plans):
+                protect(pri, uri, 50, capabilities=("x-colo-hybrid",))
+                wait_until(sec, "query-colo-status", lambda d: d["mode"] == "secondary",
+                           "COLO secondary")
+                if point == "external":
+                    time.sleep(0.3)
+                    pri.kill()
+                else:
+                    deadline = time.monotonic() + 20
+                    while pri.proc.poll() is None:
+                        assert time.monotonic() < deadline, "never reached %s:%d" % (point, k)
+                        time.sleep(0.01)
+                wait_until(sec, "query-colo-status", lambda d: d["peer"] == "lost",
+                           "the primary lost", timeout=10)
+                t0 = time.monotonic()
+                sec.qmp("x-colo-lost-heartbeat")
+                w.first_reply_after(t0, timeout=30)
+                st = wait_until(sec, "query-colo-status",
+                                lambda d: d["failover-state"] == "completed", "takeover")
+                assert st["net"]["takeover"]["error"] is None, st["net"]["takeover"]
+                assert w.error is None and w.same_connection(), "trial %d: %s" % (trial, w.error)
+                acked = w.pause()
+                bad = w.missing(acked)
+                assert not bad, "trial %d (%s): acknowledged SETs lost: %s" % (trial, point, bad[:5])
+                w.resume()
+                pri, where = sec, ch.other(where)
+                if trial + 1 < len(plans):
+                    sec, uri = ch.start_secondary(
+                        nodes, ch.other(where), name="n%d" % (trial + 2), port=5602 + trial,
+                        env=env(plans[trial + 2]) if trial + 2 < len(plans) else None)
+                    sec.wait_monitor()
+        finally:
+            w.close()
+
+
+def test_secondary_sigkill_in_hybrid_mode_the_primary_serves_on(nodes):
+    """The secondary killed: the primary leaves COLO, stops comparing, releases what it held
+    and serves alone on the same connection."""
+    with colo_hosts("ccl") as ch:
+        sec, uri = ch.start_secondary(nodes, "s")
+        pri = ch.start_primary(nodes, "p")
+        sec.wait_monitor()
+        wait_resp(ch.lab, ch.c, node=pri).close()
+        w = PipelineWriter(ch.lab, ch.c).start()
+        try:
+            protect(pri, uri, DELAY, capabilities=("x-colo-hybrid",))
+            time.sleep(0.5)
+            sec.kill(signal.SIGKILL)
+            t0 = time.monotonic()
+            wait_until(pri, "query-colo-status", lambda d: d["failover-state"] == "completed",
+                       "the primary serving alone", timeout=10)
+            w.first_reply_after(t0)
+            time.sleep(0.2)
+            acked = w.pause()
+            assert w.error is None and w.same_connection()
+            assert w.missing(acked) == []
+            st = pri.qmp("query-colo-status")
+            assert st["mode"] == "none" and st["net"]["held"] == 0 and "compare" not in st["net"]
+        finally:
+            w.close()
