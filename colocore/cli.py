@@ -25,9 +25,13 @@ def _run_parser(sub):
                    help="tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off] "
                         "or authz-simple,id=ID,identity=DN|sha256:FINGERPRINT (repeatable)")
     p.add_argument("--name", help="the node's name (logs, events)")
-    p.add_argument("--nic", metavar="tap,ifname=NAME[,mac=MAC][,br=BRIDGE]",
+    p.add_argument("--nic", metavar="tap,ifname=NAME[,mac=MAC][,br=BRIDGE][,mirror=LINK]",
                    help="a virtio-net card on tap NAME (created if missing, attached to BRIDGE, "
-                        "brought up; removed at exit if this node created it)")
+                        "brought up; removed at exit if this node created it). mirror=LINK: "
+                        "the COLO mirror link toward the other host (a primary mirrors the "
+                        "frames toward its guest there; a secondary logs them and replays "
+                        "them at a takeover; an --incoming node joins BRIDGE only when it "
+                        "serves)")
     p.add_argument("--colo-verify", action="store_true",
                    help="debug: compare page hashes of secondary and primary at every checkpoint")
     p.add_argument("--stats-file", metavar="PATH",
@@ -108,6 +112,9 @@ def main(argv=None):
                    help="failover: number of trials (20); partitions: cuts and heals (50)")
     b.add_argument("--seed", type=int, help="partitions: the random seed (default: random)")
     b.add_argument("--ttl", type=int, default=1000, help="partitions: the lease in ms")
+    b.add_argument("--net", action="store_true",
+                   help="failover: the networked guest, timed as a TCP client sees it "
+                        "(with and without the replay of mirrored frames; --seed too)")
     b.add_argument("--capabilities", default="compress", metavar="CAP,...",
                    help="checkpoint: migration capabilities of the primary (default compress)")
     b.add_argument("--patterns", metavar="P,...", help="checkpoint: guest write patterns "

@@ -14,8 +14,8 @@ exit moves every frame between the tap fd and the rings, with no Python per fram
 - `tx_drain()` copies every available transmit chain into the `FrameQueue`;
 - `FrameQueue` is the output-commit queue of transmitted frames: numbered as produced,
   written to the tap only up to `releasable` (everything at once outside COLO).
-All of it runs with the GIL held and never releases it, so the vCPU thread and a thread
-that releases output (the COLO loop) never interleave inside one call.
+The ring code runs on the vCPU thread only. The FrameQueue is shared with the thread that
+releases output (the COLO loop, a failover): it has a mutex of its own (see its doc).
 """
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
@@ -23,6 +23,9 @@ from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset, memmove
 from posix.unistd cimport read, write
 from colocore_ext.dirtylog cimport DirtyLog
+from colocore_ext.includes.pthread cimport (pthread_mutex_t, pthread_mutex_init,
+                                            pthread_mutex_destroy, pthread_mutex_lock,
+                                            pthread_mutex_trylock, pthread_mutex_unlock)
 
 import os
 
@@ -230,6 +233,17 @@ cdef uint64_t fnv1a(const uint8_t *p, size_t n, uint64_t h) noexcept nogil:
 FNV_OFFSET = FNV_OFFSET_C
 
 
+cdef inline uint64_t chain_step(uint64_t chain, uint64_t h) noexcept nogil:
+    """One frame more in the hash of a sequence of frames (order matters): what a COLO
+    secondary folds over its log to check that it holds exactly the frames a checkpoint's
+    guest consumed, in that order (net/inputlog.py)."""
+    return (chain ^ h) * 1099511628211ULL
+
+
+def chain_hash(uint64_t chain, uint64_t h):
+    return chain_step(chain, h)
+
+
 cdef class FrameQueue:
     """Frames the guest sent, numbered as produced, released to the tap up to a mark.
 
@@ -237,28 +251,57 @@ cdef class FrameQueue:
     checkpoint loop moves the mark when the secondary has the state that produced them
     (output commit, like devices.output.OutputChannel for console bytes). Frames not yet
     written are device state: `save()` returns them, a node that loads them sends them.
-    Storage: one buffer of [u32 length][frame] records."""
+    Storage: one buffer of [u32 length][frame] records, at most `max_bytes` of them
+    (beyond it a frame is dropped as a full wire would drop it, counted in `dropped`:
+    the guest's TCP sends it again).
+
+    Two threads use a queue at once in COLO: the vCPU thread appends (tx_drain) and
+    flushes what is releasable after each transmit notify, while the COLO thread releases
+    a checkpoint's frames and flushes them at once (the guest may be idle in WAIT and
+    flush nothing for a while). One mutex guards the buffer and the marks, and a flush
+    writes with the mutex held: a frame is written by one thread only, frames go out in
+    order (frame k+1's write starts after frame k's returned), and the buffer is never
+    moved (realloc, compaction) under a write that reads it. The writes themselves run
+    without the GIL. Nobody ever waits for the mutex while holding the GIL (`_lock`), so
+    a thread that holds the mutex and wants the GIL back cannot deadlock with one that
+    holds the GIL and wants the mutex. `produced` is read without the mutex: a counter
+    read, taken at a checkpoint's pause with the vCPU parked."""
     cdef uint8_t *buf
     cdef size_t cap, used_bytes, head_off
+    cdef pthread_mutex_t mu
     cdef public uint64_t base          # sequence number of the first pending frame
     cdef public uint64_t produced
     cdef public uint64_t releasable
     cdef public bint hold
     cdef public uint64_t written, write_errors, last_errno
+    cdef public uint64_t dropped       # frames refused because max_bytes were held
+    cdef public size_t max_bytes
 
-    def __cinit__(self):
+    def __cinit__(self, size_t max_bytes=32 << 20):
         self.cap = 1 << 16
         self.buf = <uint8_t *>malloc(self.cap)
         if self.buf == NULL:
             raise MemoryError()
+        pthread_mutex_init(&self.mu, NULL)
         self.used_bytes = self.head_off = 0
         self.base = self.produced = self.releasable = 0
         self.hold = False
+        self.max_bytes = max_bytes
 
     def __dealloc__(self):
         free(self.buf)
+        pthread_mutex_destroy(&self.mu)
+
+    cdef inline void _lock(self):
+        if pthread_mutex_trylock(&self.mu) != 0:
+            with nogil:
+                pthread_mutex_lock(&self.mu)
+
+    cdef inline void _unlock(self) noexcept nogil:
+        pthread_mutex_unlock(&self.mu)
 
     cdef int reserve(self, size_t n) except -1:
+        """Room for n more bytes (the mutex held)."""
         cdef uint8_t *nb
         cdef size_t live = self.used_bytes - self.head_off
         if self.head_off and self.head_off * 2 >= self.used_bytes:
@@ -275,8 +318,13 @@ cdef class FrameQueue:
         self.buf = nb
         return 0
 
-    cdef uint8_t *append(self, uint32_t length) except NULL:
+    cdef uint8_t *append(self, uint32_t length) except? NULL:
+        """A record for a frame of `length` bytes (the mutex held; NULL: dropped, the
+        queue holds max_bytes already)."""
         cdef uint8_t *p
+        if self.used_bytes - self.head_off + 4 + length > self.max_bytes:
+            self.dropped += 1
+            return NULL
         self.reserve(4 + length)
         p = self.buf + self.used_bytes
         memcpy(p, &length, 4)
@@ -292,23 +340,21 @@ cdef class FrameQueue:
 
     def release(self, upto=None):
         """Allow frames up to sequence `upto` (all when None) to go out."""
+        self._lock()
         if upto is None:
             self.releasable = self.produced
         else:
             self.releasable = max(self.releasable, min(int(upto), self.produced))
+        self._unlock()
 
-    def flush(self, int fd):
-        """Write the releasable frames to fd (one write each). Returns the errno of the
-        first failure that ends the flush (0 if none); frames the tap refused one by one
-        (a frame it cannot take) are dropped and counted, never retried."""
+    cdef int _flush_locked(self, int fd) noexcept nogil:
         cdef uint32_t length
         cdef ssize_t r
         cdef int e = 0
         while self.base < self.releasable:
             memcpy(&length, self.buf + self.head_off, 4)
             if fd >= 0:
-                with nogil:
-                    r = write(fd, self.buf + self.head_off + 4, length)
+                r = write(fd, self.buf + self.head_off + 4, length)
                 if r < 0:
                     e = errno
                     if e == EINTR:
@@ -327,39 +373,97 @@ cdef class FrameQueue:
             self.head_off = self.used_bytes = 0
         return e
 
+    def flush(self, int fd):
+        """Write the releasable frames to fd (one write each), from whichever thread
+        calls. Returns the errno of the first failure that ends the flush (0 if none);
+        frames the tap refused one by one (a frame it cannot take) are dropped and
+        counted, never retried."""
+        cdef int e
+        self._lock()
+        with nogil:
+            e = self._flush_locked(fd)
+            self._unlock()
+        return e
+
     def drop_all(self):
         """Forget every pending frame (a device reset)."""
+        self._lock()
         self.head_off = self.used_bytes = 0
         self.base = self.releasable = self.produced
+        self._unlock()
+
+    cdef bytes _records(self, uint64_t first, uint64_t upto):
+        """The [u32 len][frame] records of frames first..upto-1 (the mutex held; first
+        and upto within base..produced)."""
+        cdef size_t off = self.head_off, start
+        cdef uint64_t seq = self.base
+        cdef uint32_t length
+        while seq < first:
+            memcpy(&length, self.buf + off, 4)
+            off += 4 + length
+            seq += 1
+        start = off
+        while seq < upto:
+            memcpy(&length, self.buf + off, 4)
+            off += 4 + length
+            seq += 1
+        return (<char *>self.buf)[start:off] if off > start else b""
 
     def save(self):
         """(base, produced, blob of [u32 len][frame] records) of the pending frames."""
-        return {"base": self.base, "produced": self.produced,
-                "frames": (<char *>self.buf)[self.head_off:self.used_bytes]
-                if self.used_bytes > self.head_off else b""}
+        self._lock()
+        try:
+            return {"base": self.base, "produced": self.produced,
+                    "frames": self._records(self.base, self.produced)}
+        finally:
+            self._unlock()
+
+    def save_upto(self, uint64_t produced):
+        """The state save() would have returned when `produced` frames had been made,
+        taken later (a COLO checkpoint copies its held frames after the guest resumed,
+        not on the pause path). Frames after `produced` are left out; frames written to
+        the tap since then are left out too (the base moved past them): a node that
+        loads this state must not send them again, they are on the wire already."""
+        cdef uint64_t first
+        self._lock()
+        try:
+            upto = min(produced, self.produced)
+            first = min(self.base, upto)
+            return {"base": first, "produced": upto, "frames": self._records(first, upto)}
+        finally:
+            self._unlock()
 
     def load(self, s):
         """Load a state check_frames() accepted."""
         cdef bytes blob = bytes(s["frames"])
         check_frames(blob, s["base"], s["produced"])
-        self.head_off = self.used_bytes = 0
-        self.reserve(len(blob))
-        if len(blob):
-            memcpy(self.buf, <char *>blob, len(blob))
-        self.used_bytes = len(blob)
-        self.base = s["base"]
-        self.produced = s["produced"]
-        self.releasable = self.base if self.hold else self.produced
+        self._lock()
+        try:
+            self.head_off = self.used_bytes = 0
+            self.reserve(len(blob))
+            if len(blob):
+                memcpy(self.buf, <char *>blob, len(blob))
+            self.used_bytes = len(blob)
+            self.base = s["base"]
+            self.produced = s["produced"]
+            self.releasable = self.base if self.hold else self.produced
+        finally:
+            self._unlock()
 
     def frames(self):
         """The pending frames as a list of bytes (tests, tools)."""
         out = []
-        cdef size_t off = self.head_off
+        cdef size_t off
         cdef uint32_t length
-        while off < self.used_bytes:
-            memcpy(&length, self.buf + off, 4)
-            out.append((<char *>self.buf)[off + 4:off + 4 + length])
-            off += 4 + length
+        self._lock()
+        try:
+            off = self.head_off
+            while off < self.used_bytes:
+                memcpy(&length, self.buf + off, 4)
+                out.append((<char *>self.buf)[off + 4:off + 4 + length])
+                off += 4 + length
+        finally:
+            self._unlock()
         return out
 
 
@@ -391,6 +495,7 @@ cdef class NetPath:
     cdef public uint64_t tx_frames, tx_bytes, tx_dropped
     cdef public uint64_t rx_consumed      # frames handed to the guest, ever
     cdef public uint64_t rx_last_hash     # FNV-1a 64 of the last of them
+    cdef public uint64_t rx_chain         # all of them, in order: chain_hash(chain, hash)
     cdef public int last_errno
 
     def __cinit__(self, GuestRam ram, Virtqueue rxq, Virtqueue txq, FrameQueue out):
@@ -402,6 +507,7 @@ cdef class NetPath:
         if self.scratch == NULL:
             raise MemoryError()
         self.rx_last_hash = FNV_OFFSET_C
+        self.rx_chain = FNV_OFFSET_C
 
     def __dealloc__(self):
         free(self.scratch)
@@ -487,6 +593,7 @@ cdef class NetPath:
             self.rx_bytes += got
             self.rx_consumed += 1
             self.rx_last_hash = h
+            self.rx_chain = chain_step(self.rx_chain, h)
             if q.last_avail == avail:
                 avail = q.avail_idx(ram)      # the guest may have posted more meanwhile
         if delivered:
@@ -499,16 +606,28 @@ cdef class NetPath:
         """Take every available transmit chain into the FrameQueue; returns frames taken."""
         cdef Virtqueue q = self.txq
         cdef GuestRam ram = self.ram
-        cdef iovec iov[MAX_CHAIN]
-        cdef int n, w, k
-        cdef uint16_t head, avail
-        cdef size_t total, skip, off, part
-        cdef uint8_t *dst
-        cdef int taken = 0
+        cdef uint16_t avail
+        cdef int taken
+        cdef FrameQueue out = self.out
         if not q.ready or q.num == 0:
             return 0
         q.check(ram)
         avail = q.avail_idx(ram)
+        out._lock()
+        try:
+            taken = self._drain(q, ram, avail, out)
+        finally:
+            out._unlock()
+        q.publish_used(ram)
+        return taken
+
+    cdef int _drain(self, Virtqueue q, GuestRam ram, uint16_t avail, FrameQueue out) except -1:
+        cdef iovec iov[MAX_CHAIN]
+        cdef int n, w, k
+        cdef uint16_t head
+        cdef size_t total, skip, off, part
+        cdef uint8_t *dst
+        cdef int taken = 0
         while q.last_avail != avail:
             head = q.avail_head(ram)
             n = q.chain(ram, head, iov, &w)
@@ -520,7 +639,9 @@ cdef class NetPath:
             if w != 0 or total < VNET_HDR + 14 or total - VNET_HDR > MAX_FRAME:
                 self.tx_dropped += 1          # not a frame: returned, not sent
                 continue
-            dst = self.out.append(<uint32_t>(total - VNET_HDR))
+            dst = out.append(<uint32_t>(total - VNET_HDR))
+            if dst == NULL:
+                continue                      # the held frames are at their bound
             skip = VNET_HDR
             off = 0
             for k in range(n):
@@ -534,11 +655,11 @@ cdef class NetPath:
             taken += 1
             self.tx_frames += 1
             self.tx_bytes += total - VNET_HDR
-        q.publish_used(ram)
         return taken
 
     COUNTERS = ("rx_frames", "rx_bytes", "rx_dropped_runt", "rx_dropped_oversize",
-                "tx_frames", "tx_bytes", "tx_dropped", "rx_consumed", "rx_last_hash")
+                "tx_frames", "tx_bytes", "tx_dropped", "rx_consumed", "rx_last_hash",
+                "rx_chain")
 
     def counters(self):
         return {k: getattr(self, k) for k in self.COUNTERS}

@@ -153,6 +153,12 @@ class ColocoreConsole(App):
         elif msg.name == "COLO_EXIT":
             text = "COLO_EXIT mode %s, reason %s" % (data.get("mode"), data.get("reason"))
             severity = "error" if data.get("reason") == "error" else "warn"
+        elif msg.name == "COLO_NET_TAKEOVER":
+            text = "takeover network: %d frames replayed into %s%s%s" % (
+                data.get("replayed", 0), data.get("tap"),
+                ", replay skipped: %s" % data["replay-skipped"] if data.get("replay-skipped") else "",
+                "; ERROR %s" % data["error"] if data.get("error") else "")
+            severity = "error" if data.get("error") else "good"
         elif msg.name in ("STOP", "RESUME"):
             text, severity = msg.name, "warn" if msg.name == "STOP" else "info"
         else:

@@ -27,6 +27,7 @@ class NodeView:
     failover: str = "?"
     peer: str = "?"
     checkpoints: int = 0
+    network: str = ""                # the network side of COLO, summed up (net_summary)
     arbiter: str = ""                # "" without --arbiter; else state, role, lease
     arbiter_role: str = ""           # serving | secondary | standby | none
     channel: str = ""                # the migration channel: TLS, and the peer's identity
@@ -49,6 +50,10 @@ class CheckpointRecord:
     bytes_sent: int
     compression_ratio: float
     latency_ms: float
+    net_held: int = 0                # frames the guest sent in the epoch, held until it
+    net_released: int = 0            # frames written to the tap since the last checkpoint
+    net_rx: int = 0                  # frames the guest consumed in the epoch
+    net_mirrored: int = 0            # frames mirrored toward the secondary in the epoch
 
     @classmethod
     def from_event(cls, data, stamp):
@@ -57,7 +62,11 @@ class CheckpointRecord:
                    dirty_pages=int(data.get("dirty-pages", 0)),
                    bytes_sent=int(data.get("bytes", 0)),
                    compression_ratio=float(data.get("compression-ratio", 0.0)),
-                   latency_ms=float(data.get("latency-ms", 0.0)))
+                   latency_ms=float(data.get("latency-ms", 0.0)),
+                   net_held=int(data.get("net-held", 0)),
+                   net_released=int(data.get("net-released", 0)),
+                   net_rx=int(data.get("net-rx", 0)),
+                   net_mirrored=int(data.get("net-mirrored", 0)))
 
 
 class CheckpointHistory:
@@ -104,6 +113,30 @@ class CheckpointHistory:
         if span <= 0:
             return 0.0
         return sum(r.bytes_sent for r in list(self.records)[1:]) / span
+
+
+def net_summary(net):
+    """query-colo-status "net" -> one line for a node panel: frames held and released
+    (a primary), mirrored and in the log (a secondary), replayed at a takeover."""
+    if not net:
+        return ""
+    parts = []
+    takeover = net.get("takeover")
+    if takeover:
+        parts.append("replayed %d" % takeover.get("replayed", 0))
+        if takeover.get("error"):
+            parts.append("ERROR %s" % takeover["error"])
+        elif takeover.get("replay-skipped"):
+            parts.append("replay skipped")
+    log = net.get("log")
+    if log and not takeover:
+        parts.append("mirrored %d, log %d%s" % (log.get("logged", 0), log.get("log-frames", 0),
+                                                "" if log.get("replayable") else " (replay off)"))
+    if not log:
+        parts.append("held %d, released %d" % (net.get("held", 0), net.get("released-total", 0)))
+        if net.get("mirrored") is not None:
+            parts.append("mirrored %d" % net["mirrored"])
+    return ", ".join(parts)
 
 
 def arbiter_summary(arb):

@@ -11,14 +11,14 @@ import time
 from colocore.control.hmp import format_channel
 from colocore_tui.link import CommandFailed, LinkLost, open_link, wait_for
 from colocore_tui.messages import LinkChanged, NodeEvent, NodeStatus, SettingsRead
-from colocore_tui.model import arbiter_summary
+from colocore_tui.model import arbiter_summary, net_summary
 
 POLL_S = 0.5              # status poll period
 FAST_POLL_S = 0.1         # while a failover is being followed
 SETTINGS_EVERY = 4        # primary: re-read capabilities/parameters every N polls
 RETRY_S = (0.2, 0.5, 1.0, 1.0, 2.0)   # reconnect back-off
 EVENTS = ("STOP", "RESUME", "MIGRATION", "COLO_EXIT", "COLO_CHECKPOINT", "SHUTDOWN",
-          "COLO_VERIFY_MISMATCH")
+          "COLO_VERIFY_MISMATCH", "COLO_NET_TAKEOVER")
 
 def colo_fields(status):
     """query-colo-status data -> NodeView fields."""
@@ -28,6 +28,8 @@ def colo_fields(status):
     fields = {"colo_mode": status.get("mode", "?"), "last_mode": status.get("last-mode", "?"),
               "reason": status.get("reason", "?"), "failover": status.get("failover-state", "?"),
               "peer": peer, "checkpoints": status.get("checkpoints", 0)}
+    if status.get("net"):
+        fields["network"] = net_summary(status["net"])
     if "arbiter" in status:
         fields["arbiter"] = arbiter_summary(status["arbiter"])
         fields["arbiter_role"] = status["arbiter"].get("role") or "none"
@@ -195,5 +197,5 @@ class NodeWatcher:
             name, data, stamp = await link.next_event()
             if name in EVENTS:
                 self.post(NodeEvent(self.role, name, data, stamp or time.time()))
-                if name in ("STOP", "RESUME", "MIGRATION", "COLO_EXIT"):
+                if name in ("STOP", "RESUME", "MIGRATION", "COLO_EXIT", "COLO_NET_TAKEOVER"):
                     self._wake.set()

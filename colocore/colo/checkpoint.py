@@ -125,7 +125,7 @@ class Checkpointer:
         ram.hot_max = params["x-colo-hot-pages"]
 
         def in_pause():                   # device state, guest stopped (GIL held)
-            cap.devices = m.device_states()
+            cap.devices = m.device_states(pause=True)   # held frames counted, not copied
             cap.marks = m.output_marks()
             cap.digest = self._digest() if self.verify else None
         cap.t_start = time.perf_counter()
@@ -180,7 +180,9 @@ class Checkpointer:
             ch.send(framed[:len(framed) // 2])
             faults.crash("mid-ram", checkpoint_id)
         w.end()
-        # The device part goes as one blob after vmstate-size, as QEMU sends it.
+        # The device part goes as one blob after vmstate-size, as QEMU sends it; what the
+        # pause only counted (the NIC's held frames) is copied now, the guest running.
+        self.machine.complete_device_states(cap.devices)
         parts = []
         dev = units.UnitWriter(parts.append)
         dev.vcpu_and_devices(cap.cpu, cap.devices)

@@ -65,7 +65,10 @@ def run(colo, ch, checkpointer):
                 # take over) before t_request + silence, so this output may go out
                 # until then even if the lease cannot be renewed
                 arb.checkpoint_acked(t_request)
-            # output commit: the secondary holds the state that produced these bytes
+            # Output commit: the secondary holds the state that produced these bytes and
+            # frames; it applies it even if this node dies now, before vmstate-loaded
+            # (colo/secondary.py), so releasing here cannot show a client output that a
+            # takeover would not have. The frames are written to the tap here and now.
             m.release_output(cap.marks)
             ch.expect(Msg.VMSTATE_LOADED)
             faults.crash("after-loaded", checkpoint_id)
@@ -139,14 +142,15 @@ def _account(colo, checkpoint_id, cap, sent, raw, latency_ms):
     s.last_raw = raw
     s.total_bytes += sent
     s.last_latency_ms = latency_ms
-    colo.emit("COLO_CHECKPOINT", {
-        "id": checkpoint_id, "pause-ms": round(pause_ms, 3),
-        "dirty-pages": cap.dirty, "bytes": sent, "raw-bytes": raw,
-        "compression-ratio": round(raw / sent, 3) if sent else 0.0,
-        "latency-ms": round(latency_ms, 3), "mode": cap.mode,
-        "hot-pages": cap.hot, "cow-pages": cap.cow, "pause-copied-pages": cap.in_pause,
-        "unchanged-pages": cap.skipped, "wp-faults": cap.faults,
-        "pause-steps-us": {k: round(v, 1) for k, v in cap.steps_us.items()}})
+    data = {"id": checkpoint_id, "pause-ms": round(pause_ms, 3),
+            "dirty-pages": cap.dirty, "bytes": sent, "raw-bytes": raw,
+            "compression-ratio": round(raw / sent, 3) if sent else 0.0,
+            "latency-ms": round(latency_ms, 3), "mode": cap.mode,
+            "hot-pages": cap.hot, "cow-pages": cap.cow, "pause-copied-pages": cap.in_pause,
+            "unchanged-pages": cap.skipped, "wp-faults": cap.faults,
+            "pause-steps-us": {k: round(v, 1) for k, v in cap.steps_us.items()}}
+    data.update(colo.network.checkpoint_figures(cap))
+    colo.emit("COLO_CHECKPOINT", data)
 
 
 def _failover(colo, ch):

@@ -39,6 +39,10 @@ def run(colo, ch):
     m = colo.machine
     own_dirty = None
     try:
+        # the state the initial migration brought is the first checkpoint: the primary
+        # releases what it held at stop-and-copy on checkpoint-ready (matched before a
+        # hybrid guest runs on and moves its counters)
+        _loaded(colo, 0, time.time(), None)
         if colo.hybrid:
             # Hybrid mode: this guest runs between checkpoints, fed the same input as the
             # primary's. The cache holds RAM as of the last checkpoint loaded, so that a load
@@ -63,6 +67,7 @@ def run(colo, ch):
             elif msg == Msg.VMSTATE_SEND:
                 t0 = time.perf_counter()
                 cp = receive(ch, colo.machine)
+                received_at = time.time()       # before the primary can release anything
                 ch.send_msg(Msg.VMSTATE_RECEIVED)
                 try:
                     _load(colo, cp, own_dirty)
@@ -83,6 +88,7 @@ def run(colo, ch):
                 s.last_latency_ms = (time.perf_counter() - t0) * 1000
                 if cp.digest is not None:
                     _verify(colo, cp)
+                _loaded(colo, cp.info["id"], received_at, cp.devices.get("virtio-net"))
                 ch.send_msg(Msg.VMSTATE_LOADED)
                 if colo.hybrid:
                     own_dirty = None
@@ -120,6 +126,20 @@ def _load(colo, cp, own_dirty):
             colo.loading = False
 
 
+def _loaded(colo, checkpoint_id, received_at, net_state):
+    """The VM holds this checkpoint now: the network side matches its input log against
+    it; COLO_CHECKPOINT_LOADED says when the checkpoint was acknowledged and which of the
+    guest's frames it covers (what a capture can check output commit against)."""
+    data = {"id": checkpoint_id, "received-at": round(received_at, 6)}
+    nic = colo.machine.nic
+    if nic is not None:
+        out = net_state["out"] if net_state is not None else {"base": nic.out.base,
+                                                              "produced": nic.out.produced}
+        data.update({"net-base": out["base"], "net-produced": out["produced"]})
+    data.update(colo.network.loaded())
+    colo.emit("COLO_CHECKPOINT_LOADED", data)
+
+
 def _verify(colo, cp):
     mem = colo.machine.memory
     mine = pages.page_hashes(mem.ram, mem.all_pages())
@@ -144,8 +164,17 @@ def takeover(colo):
         with colo.apply_lock:
             pass            # no load in flight: RAM, vCPU and devices are one checkpoint
         colo.failover.start()
-        colo.serve()        # opens the guest's chardevs, runs the guest
+        t0 = time.perf_counter()
+        if colo.hybrid:
+            colo.machine.park_quietly()     # a hybrid guest runs: serve() resumes it
+        # the guest is parked: the frames the checkpoint lacks go into its tap's queue,
+        # then the tap onto the service network (net/colo_net.py)
+        colo.network.takeover()
+        t1 = time.perf_counter()
+        colo.serve()        # opens the guest's chardevs, runs the guest, announces it
         colo.machine.release_held_output()
+        log.info("COLO secondary: guest running (network %.1f ms, serve %.1f ms)",
+                 (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000)
         colo.leave()
         colo.migration_over()
         colo.exit_event(colo.reason if colo.reason != "none" else "request")

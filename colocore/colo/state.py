@@ -3,10 +3,13 @@
 The checkpoint loops run on it (colo/primary.py on the migration thread, colo/secondary.py
 on the incoming thread); operators act on it (x_colo_lost_heartbeat, query-colo-status).
 It is given only what it uses: the machine, the migration settings, `emit(event, data)`,
-`serve()` (a secondary that takes over opens its guest chardevs and runs its guest) and
-`migration_over()` (the migration that turned into COLO is finished). Under `--arbiter`,
-`arbiter` is the node's control/arbiter.py object: it decides what peer_lost() does, and
-the loops tell it about acknowledged checkpoints (duck-typed: colo imports no arbiter).
+`serve()` (a secondary that takes over opens its guest chardevs and runs its guest),
+`migration_over()` (the migration that turned into COLO is finished) and `network`, the
+network side of COLO (net/colo_net.py: the primary's mirror, the secondary's input log
+and replay), which the colo package reaches only through the hooks NoNetwork lists.
+Under `--arbiter`, `arbiter` is the node's control/arbiter.py object: it decides what
+peer_lost() does, and the loops tell it about acknowledged checkpoints (duck-typed: colo
+imports no arbiter).
 """
 import logging
 import threading
@@ -22,6 +25,35 @@ def colo_supported(machine):
     """Whether this host can do COLO (QEMU's colo_supported()): KVM with dirty logging on
     the guest's memslot, which every checkpoint harvests."""
     return machine is not None and bool(machine.vm.dirty_log)
+
+
+class NoNetwork:
+    """The network hooks of a COLO run, for a node without a NIC (and their contract):
+
+    begin(mode)             COLO starts on this node
+    end()                   this node left COLO: what COLO set up on the network goes
+    checkpoint_figures(cap) primary, after a checkpoint: figures for COLO_CHECKPOINT
+    loaded()                secondary, after loading a checkpoint: match the input log
+    takeover()              secondary failover, before the guest runs: replay, attach
+    status()                the "net" part of query-colo-status (None: no NIC)"""
+
+    def begin(self, mode):
+        pass
+
+    def end(self):
+        pass
+
+    def checkpoint_figures(self, cap):
+        return {}
+
+    def loaded(self):
+        return {}
+
+    def takeover(self):
+        return None
+
+    def status(self):
+        return None
 
 
 class ColoStats:
@@ -54,8 +86,10 @@ class ColoStats:
 
 
 class Colo:
-    def __init__(self, machine, settings, emit, serve, migration_over, verify=False):
+    def __init__(self, machine, settings, emit, serve, migration_over, verify=False,
+                 network=None):
         self.machine = machine
+        self.network = network or NoNetwork()
         self.settings = settings
         self.emit = emit
         self.serve = serve
@@ -85,15 +119,20 @@ class Colo:
     # ---- reporting -----------------------------------------------------------------
 
     def status(self):
-        """query-colo-status: QEMU's fields, then colocore's (peer, checkpoints, verify)."""
+        """query-colo-status: QEMU's fields, then colocore's (peer, checkpoints, verify, and
+        the network side on a node with a NIC)."""
         s = self.stats
-        return {"mode": self.mode, "last-mode": self.last_mode, "reason": self.reason,
-                "failover-state": self.failover.state.value,
-                "checkpoint-mode": "hybrid" if self.hybrid else "periodic",
-                "peer": self.peer_state,
-                "peer-error": self.peer_error, "checkpoints": s.checkpoints,
-                "reverted-pages": s.reverted_pages,
-                "verified": s.verified, "verify-mismatches": s.verify_mismatches}
+        st = {"mode": self.mode, "last-mode": self.last_mode, "reason": self.reason,
+              "failover-state": self.failover.state.value,
+              "checkpoint-mode": "hybrid" if self.hybrid else "periodic",
+              "peer": self.peer_state,
+              "peer-error": self.peer_error, "checkpoints": s.checkpoints,
+              "reverted-pages": s.reverted_pages,
+              "verified": s.verified, "verify-mismatches": s.verify_mismatches}
+        net = self.network.status()
+        if net is not None:             # QMP leaves an absent optional member out
+            st["net"] = net
+        return st
 
     def exit_event(self, reason):
         if not self.exit_sent:
@@ -121,12 +160,14 @@ class Colo:
         # hybrid (x-colo-hybrid, the primary's choice; a secondary learns it from the
         # stream): the secondary's guest runs between checkpoints
         self.hybrid = bool(self.settings.capabilities.get("x-colo-hybrid"))
+        self.network.begin(mode)
 
     def leave(self):
         """This node is out of COLO (failover done, or stopped by a takeover)."""
         self.last_mode, self.mode = self.mode, "none"
         if self.peer_state == "connected":
             self.peer_state = "none"          # we closed the channel ourselves
+        self.network.end()
 
     def run_primary(self, ch, checkpointer):
         """The checkpoint loop, on the migration thread; returns when COLO ended."""

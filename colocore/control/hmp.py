@@ -12,6 +12,7 @@ import shlex
 
 from colocore import __version__
 from colocore.control.arbiter import format_arbiter, register_arbiter_hmp
+from colocore.control.hmp_net import format_colo_net, format_network
 from colocore.errors import ColocoreError
 from colocore.control.pause import STRING_PARAMETERS, format_pause, format_string_parameter
 from colocore.migration.params import PARAMETERS, PARAMETER_ORDER
@@ -102,24 +103,10 @@ def format_colo(st):
     if st["verified"] or st["verify-mismatches"]:
         lines.append("verified checkpoints: %d, mismatches: %d"
                      % (st["verified"], st["verify-mismatches"]))
+    lines += format_colo_net(st.get("net"))
     if "arbiter" in st:
         lines += format_arbiter(st["arbiter"])
     return "\n".join(lines)
-
-
-def format_network(n):
-    c = n["counters"]
-    b = n["backend"]
-    return "\n".join([
-        "virtio-net: mac %s, link %s, backend %s" % (
-            n["mac"], "up" if n["link-up"] else "down", "tap %s" % b["ifname"] if b else "none"),
-        "  rx: %d frames %d bytes, dropped %d runt %d oversize; consumed %d, last hash %016x" % (
-            c["rx_frames"], c["rx_bytes"], c["rx_dropped_runt"], c["rx_dropped_oversize"],
-            c["rx_consumed"], c["rx_last_hash"]),
-        "  tx: %d frames %d bytes, dropped %d; held %d, written %d, write errors %d" % (
-            c["tx_frames"], c["tx_bytes"], c["tx_dropped"], n["tx-held"], n["tx-written"],
-            n["tx-write-errors"]),
-        "  vcpu: %d exits, %d waits" % (n["vcpu-exits"], n["waits"])])
 
 
 def format_xp(addr, data):

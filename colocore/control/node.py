@@ -29,6 +29,8 @@ from colocore.migration.outgoing import Migration
 from colocore.migration.params import MigrationSettings
 from colocore.migration.transport import Listener, parse_tcp_uri
 from colocore.net.announce import announce
+from colocore.net.colo_net import ColoNet
+from colocore.net.inputlog import DEFAULT_FRAMES
 from colocore.net.tap import TapBackend, parse_nic
 from colocore.vm.devices.virtio_net import DEFAULT_MAC
 from colocore.vm.machine import Machine
@@ -56,13 +58,16 @@ def parse_mem(text):
 
 
 def _stats_writer(path):
-    """--stats-file: one JSON line per COLO checkpoint (benchmarks), written by the
-    control loop, so the checkpoint loop and its pause never wait for the disk."""
+    """--stats-file: one JSON line per COLO checkpoint (benchmarks; on a secondary, per
+    checkpoint loaded, with "event"), written by the control loop, so the checkpoint loop
+    and its pause never wait for the disk."""
     f = open(path, "a", buffering=1)
 
     def write(name, data, stamp):
         if name == "COLO_CHECKPOINT":
             f.write(json.dumps(dict(data, time=round(stamp, 6))) + "\n")
+        elif name == "COLO_CHECKPOINT_LOADED":
+            f.write(json.dumps(dict(data, event=name, time=round(stamp, 6))) + "\n")
     return write
 
 
@@ -96,6 +101,7 @@ class Node:
             self.specs["serial"] = parse_chardev("log")
         self.nic_spec = parse_nic(args.nic) if getattr(args, "nic", None) else None
         self.nic_backend = None
+        self.colo_net = None
         self.exit_status = 0
         self.arbiter = None
         if getattr(args, "arbiter", None):
@@ -192,18 +198,27 @@ class Node:
             listener = self._listen(tcp_incoming, None)
         self.machine = m = Machine(mem, self.name, on_event=self.emit_event)
         if self.nic_spec is not None:
-            # before the guest exists anywhere: a NIC that cannot be set up stops the start
-            self.nic_backend = TapBackend(self.nic_spec).open()
+            # Before the guest exists anywhere: a NIC that cannot be set up stops the start.
+            # A destination's tap stays off the service bridge until it serves; its queue
+            # toward the guest can hold a whole replayed input log.
+            self.nic_backend = TapBackend(self.nic_spec).open(
+                join_bridge=not tcp_incoming,
+                txqlen=DEFAULT_FRAMES if tcp_incoming and self.nic_spec.mirror else None)
             m.attach_nic(self.nic_spec.mac or DEFAULT_MAC, self.nic_backend)
+            self.colo_net = ColoNet(m, self.nic_backend, self.nic_spec, self.emit_event)
+            if tcp_incoming:
+                self.colo_net.start_log()
         ok, _features, reason = uffd_wp_support()
         self.settings = MigrationSettings(colo_supported=colo_supported(m), objects=self.objects,
                                           cow_support=(ok, reason))
         verify = bool(getattr(self.args, "colo_verify", False))
         self.colo = Colo(m, self.settings, self.emit_event, serve=self._serve_from_thread,
-                         migration_over=lambda: self.migration.colo_finished(), verify=verify)
+                         migration_over=lambda: self.migration.colo_finished(), verify=verify,
+                         network=self.colo_net)
         self.migration = Migration(
             m, self.settings, self.emit_event,
-            on_colo=lambda ch: self.colo.run_primary(ch, Checkpointer(m, self.settings, verify)))
+            on_colo=lambda ch: self.colo.run_primary(ch, Checkpointer(m, self.settings, verify)),
+            prepare_colo=self.colo_net.prepare_primary if self.colo_net is not None else None)
         self.settings.on_parameter_change = self._parameter_changed
         if listener is not None:
             self._make_incoming(listener)
@@ -262,12 +277,20 @@ class Node:
 
     def _serve_from_thread(self):
         """A destination starts serving (end of a plain migration, or a takeover): open its
-        guest chardevs, then run its guest. Called from the incoming or takeover thread."""
+        guest chardevs, put its tap on the service bridge (a takeover did already), run
+        its guest, let out the output held since the state arrived, announce the guest.
+        Called from the incoming or takeover thread."""
         asyncio.run_coroutine_threadsafe(self._open_chardevs(("console", "serial")),
                                          self.loop).result()
+        if self.colo_net is not None:
+            self.colo_net.attach_service()
         self.machine.resume()
-        # the guest's MAC now lives behind this node's tap (a migration, a takeover)
+        self.machine.release_held_output()
+        # The guest's MAC now lives behind this node's tap (a migration, a takeover); the
+        # announcements come after the tap is on the bridge, or they would teach nobody.
         self.loop.call_soon_threadsafe(self.announce_nic)
+        if self.colo_net is not None:
+            self.colo_net.stop_log()        # a node that serves logs no mirror
 
     async def _open_chardevs(self, which):
         m = self.machine
@@ -335,6 +358,8 @@ class Node:
             self.arbiter.close()        # the fence closes before the lease goes back
         if self.machine is not None:
             self.machine.close()
+        if self.colo_net is not None:
+            self.colo_net.close()           # the mirror, the log: nothing COLO set up stays
         if self.nic_backend is not None:
             self.nic_backend.close()        # a tap this node created goes with it
         for cd in self.chardevs.values():

@@ -184,14 +184,18 @@ class Incoming:
                                ram_sink=ram_sink, on_opening=lambda i: self._claim(arrival, i))
         info = unit.info
         units.check(unit, m, "the migration stream")
+        colo = bool(info.get("x-colo"))
+        # A destination's output is held from before the state is applied until it serves
+        # (on_done / a takeover releases it): applying must not send the frames the source
+        # still held before this node is on the service network (they would be lost), nor,
+        # as a COLO secondary (whose guest does not run in periodic mode), ever before a
+        # takeover.
+        m.hold_output()
         units.apply(unit, m)          # the vCPU and devices: the pages are in already
         m.kernel, m.append = info.get("kernel"), info.get("append", "")
         with self._lock:
             self._done = True
-        colo = bool(info.get("x-colo"))
         if colo:
-            # the SVM does not run in periodic mode; its output is held like the primary's
-            m.hold_output()
             m.set_runstate("colo")
             self.set_status("colo")
             log.info("entering COLO incoming mode (secondary)")

@@ -46,11 +46,14 @@ TRANSITIONS = {
 
 
 class Migration:
-    def __init__(self, machine, settings, emit, on_colo):
+    def __init__(self, machine, settings, emit, on_colo, prepare_colo=None):
         self.machine = machine
         self.settings = settings
         self.emit = emit
         self.on_colo = on_colo
+        # prepare_colo(): called before an x-colo migration sends anything (the network
+        # mirror is set up then); returns what undoes it if COLO is not reached
+        self.prepare_colo = prepare_colo or (lambda: (lambda: None))
         # set by an arbiter: what the secondary must learn in the MACHINE section, and how
         # long a copy to a standby may stall before it is given up
         self.colo_info = None
@@ -236,7 +239,13 @@ class Migration:
         colo = caps.get("x-colo", False)
         compress = caps.get("compress", False)
         limit = params["max-bandwidth"]
-        ch = Channel.connect(uri, secure=secure)
+        undo = self.prepare_colo() if colo else None
+        try:
+            ch = Channel.connect(uri, secure=secure)
+        except BaseException:
+            if undo is not None:
+                undo()
+            raise
         self.channel = ch
         self.channel_security = ch.security
         t_setup = time.monotonic()
@@ -329,6 +338,8 @@ class Migration:
         except BaseException:
             ch.close()
             self.channel = None
+            if undo is not None:
+                undo()
             raise
         self.channel = None
         return ch

@@ -1,8 +1,9 @@
-"""Telling the network that a guest's MAC moved here (after a migration, a restore, and
-later a COLO takeover), the way QEMU's announce-self does: RARP broadcasts from the
-guest's MAC, written into the tap as if the guest had sent them, in rounds (QEMU's
-defaults: first after 50 ms, 5 rounds, 100 ms more between each), plus the virtio-net
-ANNOUNCE status bit, which makes the guest send its own gratuitous ARP.
+"""Telling the network that a guest's MAC moved here (after a migration, a restore, a
+COLO takeover), the way QEMU's announce-self does: RARP broadcasts from the guest's MAC,
+written into the tap as if the guest had sent them, in rounds (QEMU's defaults: first
+after 50 ms, 5 rounds, 100 ms more between each), plus the virtio-net ANNOUNCE status
+bit, raised again at every round, on which the guest sends its own gratuitous ARP (so
+ARP caches learn the IP's new MAC too: RARP and gratuitous ARP rounds).
 
 A frame that comes from the tap port teaches every bridge and switch on the way where
 the MAC lives now; without it they keep sending the guest's traffic to its old port
@@ -32,6 +33,8 @@ def announce(loop, nic, rounds=ROUNDS, initial_ms=INITIAL_MS, step_ms=STEP_MS):
     nic.announce()
 
     def send(i):
+        if i:
+            nic.announce()          # the next round of the guest's gratuitous ARP
         fd = nic._fd()
         if fd >= 0:
             try:

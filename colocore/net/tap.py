@@ -1,4 +1,5 @@
-"""The tap backend of `--nic tap,ifname=NAME[,mac=MAC][,br=BRIDGE]` (QEMU's -nic spelling).
+"""The tap backend of `--nic tap,ifname=NAME[,mac=MAC][,br=BRIDGE][,mirror=LINK]`
+(QEMU's -nic spelling).
 
 Set-up, all in the engine through pyroute2 (no shell commands):
 1. open /dev/net/tun;
@@ -9,6 +10,11 @@ Set-up, all in the engine through pyroute2 (no shell commands):
 5. attach it to BRIDGE when br= is given, and bring it up.
 At exit a tap we created goes away with our fd; a tap we found stays, detached from
 nothing and left as it was (we only bring it up and enslave it when asked).
+
+A node that waits for an incoming migration (`--incoming tcp:`) does not join BRIDGE at
+start: its guest is not the live one yet, and as a COLO secondary its copy must never
+answer a client. It joins when it starts serving (`join_bridge()`: the migration ended,
+or a COLO takeover). `mirror=LINK` names the COLO mirror link (net/colo_net.py).
 
 Every failure is one line that says what to do (`NicError`).
 """
@@ -38,33 +44,39 @@ class NicError(ColocoreError):
 class NicSpec:
     """A parsed --nic value."""
 
-    def __init__(self, ifname, mac=None, bridge=None):
+    def __init__(self, ifname, mac=None, bridge=None, mirror=None):
         self.ifname = ifname
         self.mac = mac
         self.bridge = bridge
+        self.mirror = mirror
 
     def __repr__(self):
-        return "NicSpec(%r, mac=%r, br=%r)" % (self.ifname, self.mac, self.bridge)
+        return "NicSpec(%r, mac=%r, br=%r, mirror=%r)" % (self.ifname, self.mac, self.bridge,
+                                                           self.mirror)
 
 
 def parse_nic(text):
-    """`tap,ifname=NAME[,mac=52:54:00:XX:XX:XX][,br=BRIDGE]` -> NicSpec (NicError if bad)."""
+    """`tap,ifname=NAME[,mac=52:54:00:XX:XX:XX][,br=BRIDGE][,mirror=LINK]` -> NicSpec
+    (NicError if bad)."""
     from colocore.vm.devices.virtio_net import parse_mac
     parts = [p for p in str(text).split(",") if p]
     if not parts or parts[0] != "tap":
         raise NicError("--nic %r: only the tap backend exists: use --nic tap,ifname=NAME"
-                       "[,mac=52:54:00:XX:XX:XX][,br=BRIDGE]" % text)
+                       "[,mac=52:54:00:XX:XX:XX][,br=BRIDGE][,mirror=LINK]" % text)
     opts = {}
     for p in parts[1:]:
         key, sep, value = p.partition("=")
-        if not sep or key not in ("ifname", "mac", "br"):
-            raise NicError("--nic %r: unknown option %r; the options are ifname=, mac=, br="
-                           % (text, p))
+        if not sep or key not in ("ifname", "mac", "br", "mirror"):
+            raise NicError("--nic %r: unknown option %r; the options are ifname=, mac=, br=, "
+                           "mirror=" % (text, p))
         opts[key] = value
     name = opts.get("ifname")
     if not name:
         raise NicError("--nic %r: give the tap's name: --nic tap,ifname=NAME" % text)
-    for what, value in (("ifname", name), ("br", opts.get("br"))):
+    if opts.get("mirror") is not None and opts.get("mirror") in (name, opts.get("br")):
+        raise NicError("--nic mirror=%s: the mirror link must be a link of its own toward "
+                       "the other COLO host, not the tap or the service bridge" % opts["mirror"])
+    for what, value in (("ifname", name), ("br", opts.get("br")), ("mirror", opts.get("mirror"))):
         if value is None:
             continue
         if len(value.encode()) >= IFNAMSIZ:
@@ -78,10 +90,10 @@ def parse_nic(text):
             parse_mac(mac)
         except ValueError as exc:
             raise NicError("--nic mac=: %s" % exc) from None
-    return NicSpec(name, mac, opts.get("br"))
+    return NicSpec(name, mac, opts.get("br"), opts.get("mirror"))
 
 
-def _off_loop(fn):
+def off_loop(fn):
     """Run fn in a thread of its own: pyroute2's synchronous IPRoute drives an asyncio loop
     internally and refuses to run inside the node's running control loop."""
     result = {}
@@ -105,13 +117,19 @@ class TapBackend:
         self.ifname = spec.ifname
         self.fd = -1
         self.created = False
+        self.joined = False
+        self.txqlen = None
 
-    def open(self):
-        """Set the tap up (see the module doc); returns self, or raises NicError."""
-        _off_loop(self._open)
+    def open(self, join_bridge=True, txqlen=None):
+        """Set the tap up (see the module doc); returns self, or raises NicError.
+        join_bridge=False: leave the tap off br= until join_bridge() (a destination).
+        txqlen: a queue toward the guest this long, on a tap this node creates."""
+        self.joined = False
+        self.txqlen = txqlen
+        off_loop(lambda: self._open(join_bridge))
         return self
 
-    def _open(self):
+    def _open(self, join_bridge):
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
         spec = self.spec
@@ -138,9 +156,15 @@ class TapBackend:
                     self.created = True
                 self._attach()
                 index = ipr.link_lookup(ifname=spec.ifname)[0]
-                if spec.bridge:
+                if self.created and self.txqlen:
+                    ipr.link("set", index=index, txqlen=self.txqlen)
+                if spec.bridge and join_bridge:
                     self._enslave(ipr, index, spec.bridge)
+                    self.joined = True
+                elif spec.bridge:
+                    self._leave(ipr, index)
                 link = ipr.get_links(index)[0]
+                self.txqlen = link.get_attr("IFLA_TXQLEN") or self.txqlen
                 if not link["flags"] & 1:          # IFF_UP
                     try:
                         ipr.link("set", index=index, state="up")
@@ -151,7 +175,45 @@ class TapBackend:
             raise
         log.info("--nic: tap %s %s%s, up", spec.ifname,
                  "created" if self.created else "found",
-                 (", on bridge %s" % spec.bridge) if spec.bridge else "")
+                 (", on bridge %s" % spec.bridge) if self.joined else
+                 (", off bridge %s until it serves" % spec.bridge) if spec.bridge else "")
+
+    def join_bridge(self, ipr=None):
+        """Attach the tap to br= now (a destination starts serving). Raises NicError
+        (the bridge or the tap is gone, ...); a second call does nothing. `ipr`: an open
+        IPRoute to use, on a thread without a running event loop (a takeover: opening
+        one costs ~7 ms here)."""
+        if self.joined or not self.spec.bridge:
+            return
+
+        def work(ipr):
+            found = ipr.link_lookup(ifname=self.ifname)
+            if not found:
+                raise NicError("tap %s no longer exists (deleted under the node): the guest "
+                               "has no network; save it (migrate file:PATH) and restart it "
+                               "with --nic" % self.ifname)
+            self._enslave(ipr, found[0], self.spec.bridge)
+            ipr.link("set", index=found[0], state="up")
+
+        def fresh():
+            from pyroute2 import IPRoute
+            with IPRoute() as ipr:
+                work(ipr)
+        if ipr is not None:
+            work(ipr)
+        else:
+            off_loop(fresh)
+        self.joined = True
+        log.info("--nic: tap %s joined bridge %s", self.ifname, self.spec.bridge)
+
+    def _leave(self, ipr, index):
+        """A found tap already on a bridge: off it until this node serves."""
+        from pyroute2.netlink.exceptions import NetlinkError
+        if ipr.get_links(index)[0].get_attr("IFLA_MASTER"):
+            try:
+                ipr.link("set", index=index, master=0)
+            except NetlinkError as exc:
+                raise self._denied(exc, "take tap %s off its bridge" % self.ifname) from None
 
     def _attach(self):
         ifr = struct.pack("16sH22x", self.ifname.encode(), IFF_TAP | IFF_NO_PI)
@@ -212,6 +274,6 @@ class TapBackend:
                     if found:
                         ipr.link("del", index=found[0])
             try:
-                _off_loop(remove)
+                off_loop(remove)
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass

@@ -107,6 +107,17 @@ class Lab:
                 n.addr("add", index=i, address=h.address, prefixlen=prefixlen)
                 n.link("set", index=i, state="up")
 
+    def plain_link(self, a, b):
+        """A veth pair between two hosts with no address at either end (a COLO mirror link:
+        colocore brings it up and tunes it). Returns (a's ifname, b's ifname)."""
+        k = next(self._links)
+        names = ("m%d%sa" % (os.getpid() % 100000, k), "m%d%sb" % (os.getpid() % 100000, k))
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=names[0], kind="veth",
+                     peer={"ifname": names[1], "net_ns_fd": b.ns})
+            ipr.link("set", index=_lookup(ipr, names[0]), net_ns_fd=a.ns)
+        return names
+
     def bridge(self, host, name, address=None, prefixlen=24, mtu=None):
         """A bridge in `host`, up (no STP, no forwarding delay), optionally addressed."""
         with NetNS(host.ns) as n:
@@ -178,10 +189,12 @@ class Lab:
         finally:
             os.close(own)
 
-    def set_link(self, host, up):
-        """Bring a host's end of its link up or down (down = a network partition)."""
+    def set_link(self, host, up, ifname=None):
+        """Bring a host's end of its link (or of `ifname`) up or down (down = a network
+        partition)."""
         with NetNS(host.ns) as n:
-            n.link("set", index=n.link_lookup(ifname=host.ifname)[0], state="up" if up else "down")
+            n.link("set", index=n.link_lookup(ifname=ifname or host.ifname)[0],
+                   state="up" if up else "down")
 
     def mesh(self, *hosts):
         """A veth pair between every two of `hosts`. Each host's address lives on its

@@ -5,6 +5,9 @@ devices synchronously on its exits; everyone else asks it to pause through `paus
 which kicks the vCPU out of KVM_RUN (signal + immediate_exit) and wakes a guest idling
 in WAIT, then waits until the thread has parked. A parked vCPU means quiescent devices
 and a guest RAM nobody writes: that is when state is captured or loaded.
+
+Long because the run states, the pause protocol, state capture and the output-commit calls
+are one object's contract: every thread that pauses, captures or releases goes through it.
 """
 import logging
 import os
@@ -289,8 +292,16 @@ class Machine:
             devices["virtio-net"] = self.nic
         return devices
 
-    def device_states(self):
-        return {name: dev.save() for name, dev in self._devices().items()}
+    def device_states(self, pause=False):
+        """pause=True (a checkpoint's pause path): the NIC's held frames are counted, not
+        copied; complete_device_states() copies them once the guest runs again."""
+        return {name: dev.save(pause) if name == "virtio-net" else dev.save()
+                for name, dev in self._devices().items()}
+
+    def complete_device_states(self, states):
+        net = states.get("virtio-net")
+        if net is not None and not isinstance(net["out"], dict):
+            net["out"] = net["out"].resolve()
 
     def check_state(self, cpu, devices, what):
         """Check a saved vCPU and device state against this machine before any of it is
@@ -357,9 +368,9 @@ class Machine:
                 dev.load(devices[name])
 
     def _outputs(self):
-        """Every channel the guest's output leaves by (output commit covers them all).
-        The NIC's frames are not held yet (issue 13)."""
-        return [self.console_out, self.serial_out]
+        """Every channel the guest's output leaves by (output commit covers them all);
+        the NIC's release writes its frames to the tap on the releasing thread."""
+        return [self.console_out, self.serial_out] + ([self.nic.output] if self.nic else [])
 
     def output_marks(self):
         """How much output each channel has produced so far (taken at a checkpoint's

@@ -61,6 +61,9 @@ class NodePanel(Static):
         if view.peer not in ("?", ""):
             failover.append("  peer %s" % view.peer, style="dim")
         grid.add_row("failover", failover)
+        if view.network:
+            grid.add_row("network", _value(view.network, stale or (
+                "bold red" if "ERROR" in view.network else None)))
         if view.channel:
             secure = view.channel.startswith("tls") and "authenticated as" in view.channel
             grid.add_row("channel", _value(view.channel, stale or ("green" if secure else "yellow")))

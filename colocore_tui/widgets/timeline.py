@@ -11,6 +11,7 @@ CHARTS = (
     ("dirty_pages", "dirty", lambda v: "%d pg" % v),
     ("bytes_sent", "sent", lambda v: human_bytes(v)),
     ("compression_ratio", "ratio", lambda v: "%.1fx" % v),
+    ("net_held", "held", lambda v: "%d fr" % v),
 )
 
 
@@ -42,6 +43,9 @@ class CheckpointTimeline(Vertical):
             figures = ("#%d  pause p50 %.2f ms  p99 %.2f ms  %.1f cp/s  %s"
                        % (last.checkpoint_id, p50, p99, history.per_second(),
                           human_bytes(history.throughput(), "/s")))
+            if last.net_held or last.net_released or last.net_rx or last.net_mirrored:
+                figures += "  net: %d held, %d released, %d in, %d mirrored" % (
+                    last.net_held, last.net_released, last.net_rx, last.net_mirrored)
         self.query_one("#cp-figures", Static).update(figures)
         self.border_subtitle = "last %d of %d" % (len(history), history.total) if len(history) else ""
         for field, label, fmt in CHARTS:

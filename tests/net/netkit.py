@@ -13,6 +13,9 @@ import pytest
 
 from colocore.tools.netlab import Lab
 
+from colocore.tools import colo_lab
+from colocore.tools.colo_lab import ColoHosts, PipelineWriter  # noqa: F401 - tests use them
+
 GUEST_IP = "10.0.0.2"
 CLIENT_IP = "10.0.0.1"
 HOST_IP = "10.0.0.9"
@@ -275,3 +278,163 @@ def icmp_ping(lab, host, dst, count=3, size=56, timeout=2.0):
     finally:
         s.close()
     return times
+
+
+# ---- COLO pairs (issue 13): colocore.tools.colo_lab has the hosts and the writer ----
+
+@contextlib.contextmanager
+def colo_hosts(prefix="ccc", relay=False):
+    need_redis_py()              # the COLO tests drive the guest with redis-py
+    with colo_lab.colo_hosts(prefix, relay) as ch:
+        yield ch
+
+
+class MirrorRelay:
+    """A faulty mirror link: in host r, frames from p's end are passed on to s's end by an
+    AF_PACKET relay in a thread. fault: "drop" loses every second frame; "reorder" sends
+    every frame only after the next one (each pair swapped)."""
+
+    def __init__(self, ch, fault):
+        import threading
+        from pyroute2 import NetNS
+        self.fault = fault
+        with NetNS(ch.r.ns) as n:
+            for ifname in (ch.r_in, ch.r_out):
+                n.link("set", index=n.link_lookup(ifname=ifname)[0], state="down")
+        with ch.lab.enter(ch.r):
+            for ifname in (ch.r_in, ch.r_out):    # r says nothing of its own on the link
+                with open("/proc/sys/net/ipv6/conf/%s/disable_ipv6" % ifname, "w") as f:
+                    f.write("1")
+            self.rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+            self.rx.bind((ch.r_in, 0))
+            index = socket.if_nametoindex(ch.r_in)
+            self.tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            self.tx.bind((ch.r_out, 0))
+        self.rx.setsockopt(263, 1, struct.pack("iHH8s", index, 1, 0, b""))
+        with NetNS(ch.r.ns) as n:
+            for ifname in (ch.r_in, ch.r_out):
+                n.link("set", index=n.link_lookup(ifname=ifname)[0], state="up")
+        self.rx.settimeout(0.1)
+        self.passed = self.dropped = 0
+        self.errors = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="relay")
+        self._thread.start()
+
+    def _run(self):
+        held = None
+        n = 0
+        while not self._stop:
+            try:
+                data, addr = self.rx.recvfrom(65536)
+            except socket.timeout:
+                continue
+            except OSError as exc:
+                if self._stop:
+                    return
+                self.errors.append(exc)
+                continue
+            if addr[2] == socket.PACKET_OUTGOING:
+                continue
+            n += 1
+            if self.fault == "drop" and n % 2 == 0:
+                self.dropped += 1
+                continue
+            if self.fault == "reorder":
+                if held is None:
+                    held = data
+                    continue
+                self._send(data)                  # the later frame first
+                data, held = held, None
+            self._send(data)
+
+    def _send(self, frame):
+        try:
+            self.tx.send(frame)
+            self.passed += 1
+        except OSError as exc:
+            self.errors.append(exc)
+
+    def close(self):
+        self._stop = True
+        self._thread.join(5)
+        self.rx.close()
+        self.tx.close()
+
+
+class Capture:
+    """An AF_PACKET capture on an interface of a test host (promiscuous: a bridge passes
+    every frame it forwards up to it), in a thread, with the kernel's receive timestamp
+    (CLOCK_REALTIME) of each frame: keeps (time, frame) for which match(frame) holds."""
+
+    SO_TIMESTAMPNS = 35
+
+    def __init__(self, lab, host, ifname, match):
+        import threading
+        with lab.enter(host):
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+            self.sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)        # SO_RCVBUFFORCE
+            self.sock.bind((ifname, 0))
+            index = socket.if_nametoindex(ifname)
+        self.sock.setsockopt(263, 1, struct.pack("iHH8s", index, 1, 0, b""))  # promisc
+        self.sock.setsockopt(socket.SOL_SOCKET, self.SO_TIMESTAMPNS, 1)
+        self.sock.settimeout(0.1)
+        self.match = match
+        self.frames = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="capture")
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop:
+            try:
+                data, anc, _, addr = self.sock.recvmsg(65536, 64)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if addr[2] == socket.PACKET_OUTGOING or not self.match(data):
+                continue
+            stamp = time.time()
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == self.SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack("qq", cdata[:16])
+                    stamp = sec + nsec / 1e9
+            self.frames.append((stamp, data))
+
+    def stop(self):
+        if not self._stop:
+            self._stop = True
+            self._thread.join(5)
+            self.sock.close()
+        return self.frames
+
+
+def link_stats(lab, host, ifname):
+    """The kernel's counters of an interface in a test host (IFLA_STATS64)."""
+    from pyroute2 import NetNS
+    with NetNS(host.ns) as n:
+        link = n.get_links(n.link_lookup(ifname=ifname)[0])[0]
+        return dict(link.get_attr("IFLA_STATS64"))
+
+
+def link_master(lab, host, ifname):
+    from pyroute2 import NetNS
+    with NetNS(host.ns) as n:
+        found = n.link_lookup(ifname=ifname)
+        if not found:
+            return "gone"
+        master = n.get_links(found[0])[0].get_attr("IFLA_MASTER")
+        if not master:
+            return None
+        return n.get_links(master)[0].get_attr("IFLA_IFNAME")
+
+
+def tc_kinds(lab, host, ifname):
+    """The qdisc kinds on an interface of a test host ([] when it is gone)."""
+    from pyroute2 import NetNS
+    with NetNS(host.ns) as n:
+        found = n.link_lookup(ifname=ifname)
+        if not found:
+            return []
+        return sorted(q.get_attr("TCA_KIND") for q in n.get_qdiscs(index=found[0]))

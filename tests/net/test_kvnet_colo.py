@@ -1,9 +1,9 @@
-"""A networked guest under COLO (periodic): the virtio-net state travels in every
-checkpoint (--colo-verify compares the whole RAM, including what the device wrote), and
-after a failover the secondary serves on its own tap. Holding the frames until their
-checkpoint is acknowledged, and keeping open TCP connections across a failover, are the
-next issue's; here new connections find the guest, with every key of the last
-checkpoint."""
+"""A networked guest under COLO (periodic), both nodes on one host: the virtio-net state
+travels in every checkpoint (--colo-verify compares the whole RAM, including what the
+device wrote), and after a failover the secondary serves on its own tap, which joins the
+bridge only then; new connections find the guest, with every key of the last checkpoint.
+The frames held per checkpoint, the mirror and open TCP connections across a failover
+are tested on two host namespaces in test_colo_net*.py and test_colo_failover_tcp.py."""
 import signal
 import time
 

@@ -16,7 +16,9 @@ def checkpoint(i):
     return NodeEvent("primary", "COLO_CHECKPOINT",
                      {"id": i, "pause-ms": round(pause, 3), "dirty-pages": dirty, "bytes": sent,
                       "compression-ratio": round(4096 * dirty / sent + 0.5, 3),
-                      "latency-ms": round(pause + 1.2, 3)},
+                      "latency-ms": round(pause + 1.2, 3), "net-held": 18 + (i * 5) % 11,
+                      "net-released": 18 + (i * 5 + 3) % 11, "net-rx": 20 + (i * 3) % 9,
+                      "net-mirrored": 21 + (i * 3) % 9},
                      T0 + i * 0.2)
 
 
@@ -39,11 +41,15 @@ def messages():
     yield NodeStatus("primary", {"vm_status": "running", "colo_mode": "primary",
                                  "last_mode": "none", "reason": "none", "migration": "colo",
                                  "failover": "none", "peer": "connected", "checkpoints": 320,
+                                 "network": "held 4, released 7021, mirrored 7394",
+                                 "channel": "plain tcp, not authenticated",
                                  "pid": 4242, "cpu_percent": 38.0, "rss_bytes": 301 << 20},
                      stamp=T0 + 64)
     yield NodeStatus("secondary", {"vm_status": "colo", "colo_mode": "secondary",
                                    "last_mode": "none", "reason": "none", "migration": "colo",
                                    "failover": "none", "peer": "connected", "checkpoints": 320,
+                                   "network": "mirrored 7394, log 3",
+                                   "channel": "plain tcp, not authenticated",
                                    "pid": 4241, "cpu_percent": 12.0, "rss_bytes": 290 << 20},
                      stamp=T0 + 64)
 

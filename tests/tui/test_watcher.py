@@ -97,3 +97,18 @@ def test_colo_status_fields():
         "peer": "connected", "checkpoints": 7}
     assert colo_fields(dict(ANSWERS["query-colo-status"], peer="lost",
                             **{"peer-error": "EOF"}))["peer"] == "lost (EOF)"
+
+
+def test_network_side_in_the_node_panel_fields():
+    from colocore_tui.model import net_summary
+    primary = {"tap": "tapp", "bridge": "brp", "mirror": "mp", "held": 3, "held-total": 90,
+               "released-total": 87, "mirrored": 140}
+    assert colo_fields(dict(ANSWERS["query-colo-status"], net=primary))["network"] == \
+        "held 3, released 87, mirrored 140"
+    secondary = dict(primary, mirrored=None, log={"logged": 140, "log-frames": 2,
+                                                  "replayable": False})
+    assert net_summary(secondary) == "mirrored 140, log 2 (replay off)"
+    took = dict(secondary, takeover={"replayed": 5, "replay-skipped": None,
+                                     "error": "no such bridge brs"})
+    assert net_summary(took) == "replayed 5, ERROR no such bridge brs"
+    assert "network" not in colo_fields(ANSWERS["query-colo-status"])      # no NIC

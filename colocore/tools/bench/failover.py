@@ -1,6 +1,7 @@
 """`colocore bench failover`: trials of a protected kvstore pair under a client load, the
 primary killed (SIGKILL), `x_colo_lost_heartbeat` to the secondary; the time from sending
-the command to the first answered request on the secondary's console."""
+the command to the first answered request on the secondary's console. `--net`: the same
+for the networked guest, as a TCP client sees it (failover_net.py)."""
 import time
 
 from colocore.clients import connect_when_open
@@ -71,6 +72,9 @@ def bench_failover(trials=20, mem="256M"):
 
 
 def format(res):
+    if res.get("net"):
+        from colocore.tools.bench import failover_net
+        return failover_net.format(res)
     return "\n".join([
         "colocore failover benchmark (%d trials; x_colo_lost_heartbeat sent -> first answer "
         "on the secondary)" % res["trials"],
@@ -87,4 +91,8 @@ def format(res):
 
 
 def run(args):
+    if getattr(args, "net", False):
+        from colocore.tools.bench import failover_net
+        return failover_net.bench_failover_net(2 if args.quick else (args.trials or 20),
+                                               seed=args.seed)
     return bench_failover(args.trials or 20)

@@ -6,11 +6,19 @@ two server hosts on one bridge. The guest's node runs in host `h` with its tap o
 bridge; redis-server runs in host `r`, whose veth is on the same bridge. So each request
 crosses the client's veth, the bridge, and one port (the tap, or redis-server's veth).
 
-Rows (`--json`: {"rows", "frame_path", "kernel"}; every row has the kernel too): target (guest | redis-server), mode
-(unprotected; later issues add periodic | hybrid), test (SET | GET), pipeline (1 | 16),
-clients, requests, rps, p50_ms, p99_ms, ratio_to_reference (rps over redis-server's for
-the same test and pipeline). Guest rows carry a profile of the run: vCPU exits and frames
-per 1,000 requests, frames per exit, and CPU seconds of the node and of the client.
+Rows (`--json`: {"rows", "frame_path", "kernel"}; every row has the kernel too): target
+(guest | redis-server), mode (unprotected | periodic; hybrid comes with issue 14), test
+(SET | GET), pipeline (1 | 16), clients, requests, rps, p50_ms, p99_ms,
+ratio_to_reference (rps over redis-server's for the same test and pipeline). Guest rows
+carry a profile of the run: vCPU exits and frames per 1,000 requests, frames per exit,
+and CPU seconds of the node and of the client.
+
+Periodic rows: the same guest protected by COLO (a secondary in host `s`, joined to `h`
+by a replication link and a mirror link, as in colocore.tools.colo_lab) at
+x-checkpoint-delay 200 and 25 ms, with checkpoint_delay_ms, checkpoints taken during the
+run, ratio_to_unprotected (rps over the guest's own unprotected rps in this run). Every
+reply waits for the next checkpoint (output commit), so a client on one connection gets
+about one reply per pipeline per checkpoint: fewer requests are run in those rows.
 
 `frame_path`: the engine's frame path alone (colocore_ext.virtq.NetPath between a
 SEQPACKET socket pair and rings in a buffer), ns per frame for receive and transmit
@@ -40,6 +48,10 @@ TESTS = ("set", "get")
 PIPELINES = (1, 16)
 REQUESTS = {1: 100_000, 16: 400_000}
 QUICK_REQUESTS = {1: 5_000, 16: 20_000}
+DELAYS = (200, 25)
+# (x-checkpoint-delay, pipeline) -> requests: a run of ~5-10 s each
+PERIODIC_REQUESTS = {(200, 1): 2_000, (200, 16): 20_000, (25, 1): 10_000, (25, 16): 80_000}
+GUEST_MAC = "52:54:00:0c:0c:02"
 
 
 def _pdeathsig():
@@ -103,15 +115,19 @@ def bench_net(quick=False):
     requests = QUICK_REQUESTS if quick else REQUESTS
     rows = []
     with Lab("ccbn") as lab, NodeSet() as nodes:
-        h = lab.host("h", "10.0.0.9")
+        h = lab.host("h", "10.77.0.1")          # the address of its replication link
+        s = lab.host("s", "10.77.0.2")          # the COLO secondary's host
         c = lab.host("c", "10.0.0.1")
         r = lab.host("r", REF_IP)
-        lab.bridge(h, "br0", h.address)
+        lab.bridge(h, "br0", "10.0.0.9")
         lab.wire(c, h, b_bridge="br0")
         lab.wire(r, h, b_bridge="br0")
+        lab.link(h, s)
+        mirror_h, mirror_s = lab.plain_link(h, s)
         say("starting the kvnet guest and redis-server")
-        node = nodes.start("guest", ["--kernel", "kvnet", "-m", "256M",
-                                     "--nic", "tap,ifname=tapbn,br=br0",
+        node = nodes.start("guest", ["--kernel", "kvnet", "-m", "256M", "--nic",
+                                     "tap,ifname=tapbn,mac=%s,br=br0,mirror=%s" % (GUEST_MAC,
+                                                                                  mirror_h),
                                      "--append", "ip=%s/24 port=%d" % (GUEST_IP, PORT)],
                            prefix=lab.exec_prefix(h))
         ref = subprocess.Popen(lab.exec_prefix(r) + [
@@ -148,6 +164,7 @@ def bench_net(quick=False):
                                           "p99_ms": p99,
                                           "ratio_to_reference": round(rps / ref_res[test][0], 3)},
                                          **extra))
+            rows += _periodic_rows(lab, nodes, node, client, s, mirror_s, rows, quick)
         finally:
             if ref.poll() is None:
                 ref.terminate()
@@ -157,6 +174,50 @@ def bench_net(quick=False):
                     ref.kill()
                     ref.wait(10)
     return rows
+
+
+def _periodic_rows(lab, nodes, node, client, s, mirror_s, rows, quick):
+    """The guest under COLO (periodic) at each of DELAYS; COLO ends with the secondary."""
+    from colocore.tools.procs import protect, wait_until
+    uri = "tcp:10.77.0.2:5555"
+    sec = nodes.start("secondary", ["-m", "256M", "--incoming", uri, "--nic",
+                                    "tap,ifname=tapbs,mac=%s,mirror=%s" % (GUEST_MAC, mirror_s)],
+                      prefix=lab.exec_prefix(s))
+    sec.wait_monitor()
+    say("protecting the guest (COLO, periodic)")
+    protect(node, uri, DELAYS[0])
+    out = []
+    ref = {(r["test"], r["pipeline"]): r["rps"] for r in rows if r["target"] == "redis-server"}
+    alone = {(r["test"], r["pipeline"]): r["rps"] for r in rows if r["target"] == "guest"}
+    for delay in DELAYS:
+        node.qmp("migrate-set-parameters", {"x-checkpoint-delay": delay})
+        for pipeline in PIPELINES:
+            n = PERIODIC_REQUESTS[(delay, pipeline)] // (10 if quick else 1)
+            say("redis-benchmark -c %d -P %d -n %d: guest under COLO, x-checkpoint-delay %d ms",
+                CLIENTS, pipeline, n, delay)
+            before, node_cpu0 = _nic_counters(node), _cpu_s(node.pid)
+            cp0 = node.qmp("query-migrate")["x-colo"]["checkpoints"]
+            res, cli_cpu = _benchmark(client, GUEST_IP, pipeline, n)
+            colo = node.qmp("query-migrate")["x-colo"]
+            after, node_cpu1 = _nic_counters(node), _cpu_s(node.pid)
+            total = n * len(TESTS)
+            frames = (after["rx"] - before["rx"]) + (after["tx"] - before["tx"])
+            for test in ("SET", "GET"):
+                rps, p50, p99 = res[test]
+                out.append({"target": "guest", "mode": "periodic", "checkpoint_delay_ms": delay,
+                            "test": test, "pipeline": pipeline, "clients": CLIENTS,
+                            "requests": n, "rps": rps, "p50_ms": p50, "p99_ms": p99,
+                            "ratio_to_reference": round(rps / ref[(test, pipeline)], 3),
+                            "ratio_to_unprotected": round(rps / alone[(test, pipeline)], 3),
+                            "checkpoints": colo["checkpoints"] - cp0,
+                            "mean_pause_ms": colo["mean-pause-ms"],
+                            "frames_per_1k_requests": round(1000.0 * frames / total, 2),
+                            "node_cpu_s": round(node_cpu1 - node_cpu0, 2),
+                            "client_cpu_s": round(cli_cpu, 2)})
+    sec.kill()                          # the primary leaves COLO and serves alone
+    wait_until(node, "query-colo-status", lambda d: d["failover-state"] == "completed",
+               "the guest serving alone", timeout=20)
+    return out
 
 
 # ---- the frame path alone --------------------------------------------------------------
@@ -277,12 +338,15 @@ def bench_frame_path(batches=200, batch=64, frame_len=100):
 def format(data):
     rows, path = data["rows"], data["frame_path"]
     lines = ["kvnet guest vs redis-server, same topology, redis-benchmark -c %d" % CLIENTS, "",
-             "| target | mode | test | -P | rps | p50 ms | p99 ms | ratio | exits/1k req | frames/exit |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| target | mode | delay ms | test | -P | rps | p50 ms | p99 ms | ratio | "
+             "vs unprotected | exits/1k req | frames/exit | checkpoints |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append("| %s | %s | %s | %d | %.0f | %.3f | %.3f | %.3f | %s | %s |" % (
-            r["target"], r["mode"], r["test"], r["pipeline"], r["rps"], r["p50_ms"], r["p99_ms"],
-            r["ratio_to_reference"], r.get("exits_per_1k_requests", ""), r.get("frames_per_exit", "")))
+        lines.append("| %s | %s | %s | %s | %d | %.0f | %.3f | %.3f | %.3f | %s | %s | %s | %s |" % (
+            r["target"], r["mode"], r.get("checkpoint_delay_ms", ""), r["test"], r["pipeline"],
+            r["rps"], r["p50_ms"], r["p99_ms"], r["ratio_to_reference"],
+            r.get("ratio_to_unprotected", ""), r.get("exits_per_1k_requests", ""),
+            r.get("frames_per_exit", ""), r.get("checkpoints", "")))
     lines += ["", "frame path (ns per frame, batches of %d):" % path[0]["batch"]]
     for p in path:
         lines.append("  %s: %.0f ns in colocore_ext.virtq, %.0f ns as a Python loop (x%.1f)" % (
@@ -291,17 +355,6 @@ def format(data):
 
 
 def run(args):
-    # pyroute2's netns.create forks helpers that inherit bench's SIGTERM handler: they must
-    # just go, not unwind this process's clean-up
-    owner = os.getpid()
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def terminated(signum, frame):
-        if os.getpid() != owner:
-            os._exit(1)
-        if callable(previous):
-            previous(signum, frame)
-    signal.signal(signal.SIGTERM, terminated)
     path = bench_frame_path(batches=20 if args.quick else 200)
     rows = bench_net(quick=args.quick)
     for r in rows:

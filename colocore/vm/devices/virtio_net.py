@@ -10,10 +10,14 @@ learns of ANNOUNCE without reading MMIO on its fast path.
 
 Frames move in C (colocore_ext.virtq.NetPath), never a Python call per frame. The frames
 the guest sent go through `out`, a FrameQueue: numbered as produced, written to the tap
-up to its release mark, everything at once outside COLO (output commit for issue 13).
+up to its release mark, everything at once outside COLO. In COLO the queue is one of the
+machine's output channels (`output`, vm/machine.py): a checkpoint's pause takes its mark
+(a counter read), vmstate-received releases up to it and the releasing thread writes the
+frames to the tap at once (the vCPU thread may flush too: the queue's mutex orders them).
 The device state (snapshots, migration, checkpoints) holds the transport, the MAC and
 status, the counters, the frames not yet released, and how far the guest consumed its
-input: `rx_consumed` frames, the last with FNV-1a 64 hash `rx_last_hash`.
+input: `rx_consumed` frames, the last with FNV-1a 64 hash `rx_last_hash` (a COLO
+secondary matches its log of mirrored input against them, net/inputlog.py).
 """
 import errno
 import logging
@@ -59,6 +63,46 @@ def format_mac(mac):
     return ":".join("%02x" % b for b in mac)
 
 
+class NetOutput:
+    """The NIC's transmitted frames as one of the machine's output channels (the same
+    protocol as devices.output.OutputChannel: produced, hold, release)."""
+    name = "net"
+
+    def __init__(self, nic):
+        self.nic = nic
+
+    @property
+    def produced(self):
+        return self.nic.out.produced
+
+    @property
+    def hold(self):
+        return self.nic.out.hold
+
+    @hold.setter
+    def hold(self, value):
+        self.nic.out.hold = value
+
+    def release(self, upto=None):
+        """Move the mark and write what it allows now, on the calling thread (the COLO
+        loop, a failover): a guest idle in WAIT would not flush for a while."""
+        self.nic.out.release(upto)
+        self.nic.flush()
+
+
+class HeldFrames:
+    """The held frames of a state saved on a checkpoint's pause path: only the count is
+    read there; the frames are copied by `resolve()` after the guest resumed."""
+    __slots__ = ("out", "produced")
+
+    def __init__(self, out):
+        self.out = out
+        self.produced = out.produced
+
+    def resolve(self):
+        return self.out.save_upto(self.produced)
+
+
 class VirtioNet(VirtioMmioDevice):
     device_id = DEVICE_ID_NET
     features = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
@@ -76,11 +120,10 @@ class VirtioNet(VirtioMmioDevice):
         self._event_lock = threading.Lock()
         self.on_event = lambda: None    # wakes a WAITing guest (the machine sets it)
         self.backend_error = None       # why the backend stopped, once
+        self.output = NetOutput(self)
         # may_release() of an arbiter (--arbiter), or None: asked before frames go to the
-        # tap; frames wait in `out` while it says no. `out` is the vCPU thread's: another
-        # thread asks for a flush with want_flush(), done at the next exit
+        # tap; frames wait in `out` while it says no
         self.fence = None
-        self.flush_wanted = False
 
     def reset(self):
         super().reset()
@@ -103,8 +146,14 @@ class VirtioNet(VirtioMmioDevice):
         self.on_event()
 
     def announce(self):
-        """Ask the guest to announce itself (gratuitous ARP), e.g. after a migration."""
-        self.set_status(STATUS_ANNOUNCE, True)
+        """Ask the guest to announce itself (gratuitous ARP), e.g. after a migration; a
+        call while ANNOUNCE is set asks again (one gratuitous ARP per announcement round,
+        as QEMU's rounds do)."""
+        with self._event_lock:
+            self.link_status |= STATUS_ANNOUNCE
+            self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
+            self.event = True
+        self.on_event()
 
     def announce_done(self):
         self.set_status(STATUS_ANNOUNCE, False)
@@ -145,16 +194,13 @@ class VirtioNet(VirtioMmioDevice):
             self._backend_failed(e)
 
     def want_flush(self):
-        """Any thread: send what is releasable at the vCPU's next exit (the fence reopened)."""
-        if self.out.releasable > self.out.base:     # a racy read: at worst one spare wake
-            self.flush_wanted = True
-            self.on_event()
+        """Any thread: send what is releasable now (the fence reopened). The FrameQueue's
+        mutex makes a flush from any thread safe beside the vCPU thread's."""
+        if self.out.releasable > self.out.base:     # a racy read: at worst a spare flush
+            self.flush()
 
     def deliver_rx(self):
         """Fill posted receive buffers from the tap; returns frames delivered."""
-        if self.flush_wanted:
-            self.flush_wanted = False
-            self.flush()
         fd = self._fd()
         if fd < 0 or not self.usable(self.queues[0]):
             return 0
@@ -193,10 +239,12 @@ class VirtioNet(VirtioMmioDevice):
 
     # ---- state ---------------------------------------------------------------------------
 
-    def save(self):
+    def save(self, pause=False):
+        """The device state. pause=True (a checkpoint's pause path): the held frames are
+        a HeldFrames to resolve() later, not a copy (Machine.complete_device_states)."""
         s = self.save_transport()
         s.update(mac=self.mac, link_status=self.link_status, event=self.event,
-                 counters=self.path.counters(), out=self.out.save())
+                 counters=self.path.counters(), out=HeldFrames(self.out) if pause else self.out.save())
         return s
 
     def check(self, s):
