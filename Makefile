@@ -59,7 +59,7 @@ test-tools: install
 	fi
 
 test: test-tools etcd
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS) tests
 
 # Every fuzzer for FUZZ_SECONDS, the corpus kept under tests/fuzz/corpus/ (committed seeds
 # are the seed-* files); what is found goes to FUZZ_FINDINGS with a reproducer

@@ -194,15 +194,9 @@ def _stopped_by_takeover(colo, exc):
     """The secondary took over while this primary still runs: stop the guest here, so that
     only one copy serves. Its held output stays held: the secondary has the state that
     produced what was released, and nothing newer may reach a client."""
-    m = colo.machine
     colo.peer_state = "took over"
     colo.peer_error = str(exc)
-    colo.reason = "error"
-    try:
-        if m.runstate == "running":
-            m.pause("paused")
-    except ColocoreError as perr:
-        log.error("COLO primary: could not stop the guest: %s", perr)
+    colo.stop_for_good("COLO primary")
     log.error("COLO primary: %s; this guest is stopped so that only one copy serves. "
               "Quit this node (or re-protect from the new primary)", exc)
     colo.exit_event("error")

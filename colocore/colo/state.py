@@ -320,17 +320,22 @@ class Colo:
             arb.secondary_lost_primary(self.last_heard, lambda: self.failover.state != FailoverState.NONE,
                                        auto)
 
-    def lost_key(self, reason):
-        """The arbiter's key is someone else's: as after a TAKEOVER message, the guest stops
-        and nothing it produced is released any more (the fence is closed for ever)."""
-        m = self.machine
-        self.peer_error = "lost the key: %s" % reason
+    def stop_for_good(self, who):
+        """Another copy serves now: stop this guest so that only one does (the caller keeps
+        its held output held and logs why)."""
         self.reason = "error"
+        m = self.machine
         try:
             if m.runstate == "running":
                 m.pause("paused")
         except ColocoreError as perr:
-            log.error("arbiter: could not stop the guest: %s", perr)
+            log.error("%s: could not stop the guest: %s", who, perr)
+
+    def lost_key(self, reason):
+        """The arbiter's key is someone else's: as after a TAKEOVER message, the guest stops
+        and nothing it produced is released any more (the fence is closed for ever)."""
+        self.peer_error = "lost the key: %s" % reason
+        self.stop_for_good("arbiter")
         log.error("arbiter: this node lost the key (%s); its guest is stopped so that only "
                   "one copy serves; it quits shortly", reason)
         if self.mode != "none":
