@@ -158,3 +158,50 @@ def test_any_segmentation_of_the_same_bytes_matches_and_one_changed_byte_never(d
         assert c.releasable() == len(pri) and c.divergence() is None
     else:
         assert c.divergence() == "mismatch"
+
+
+def test_the_secondary_flooding_alone_reaches_the_bound_too():
+    c = Comparer(10, max_frames=8)
+    for i in range(8):
+        c.secondary(udp(b"extra %d" % i))            # output the primary never produced
+    assert c.divergence() == "bound"
+
+
+def test_byte_identical_frames_pair_without_parsing_and_the_rest_by_the_rules():
+    c = Comparer(1.0)
+    same = tcp(1, 9, b"+OK\r\n")
+    c.primary(same, 0)
+    c.secondary(same)
+    assert c.releasable() == 1 and not c.streams          # paired by bytes, nothing parsed
+    c.primary(tcp(6, 9, b"abcdef"), 1)
+    c.secondary(tcp(6, 9, b"abc"))                       # another segmentation: the rules
+    c.secondary(tcp(9, 9, b"def"))
+    assert c.releasable() == 2 and c.divergence() is None
+
+
+def test_after_a_checkpoint_held_frames_time_out_only_from_the_secondarys_resume():
+    clock = Clock()
+    c = Comparer(0.02, clock=clock)
+    c.primary(tcp(1, 1, b"late"), 0)                      # produced after the capture
+    clock.t = 0.5                                         # the checkpoint took a while
+    c.new_epoch(captured=0)
+    c.restart_clock()                                     # vmstate-loaded
+    assert c.divergence() is None
+    c.secondary(tcp(1, 1, b"late"))
+    assert c.releasable() == 1
+
+
+def test_a_long_stream_is_trimmed_and_a_retransmission_of_trimmed_bytes_still_matches():
+    clock = Clock()
+    c = Comparer(0.05, clock=clock, max_bytes=1 << 30, max_frames=1 << 20)
+    chunk, n = bytes(range(256)) * 4, 3000               # 3 MiB on one connection
+    for i in range(n):
+        f = tcp(1 + i * len(chunk), 9, chunk)
+        c.primary(f, i)
+        c.secondary(tcp(1 + i * len(chunk), 9, chunk[:512]))      # other segmentation
+        c.secondary(tcp(1 + i * len(chunk) + 512, 9, chunk[512:]))
+        assert c.releasable() == i + 1
+    assert c.sec_bytes <= 2 * (1 << 20) + len(chunk)        # kept to what may be needed
+    c.primary(tcp(1, 9, chunk), n)                          # a retransmission of the start
+    clock.t = 0.03
+    assert c.divergence() is None and c.releasable() == n + 1
