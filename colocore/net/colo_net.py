@@ -225,6 +225,7 @@ class ColoNet:
     def end(self):
         """This node left COLO: what COLO set up goes."""
         self._hybrid_end()
+        self.hybrid = self.starve = False
         if self.mode == "primary":
             self._remove_mirror()
         elif self.mode == "secondary":
