@@ -220,7 +220,7 @@ class PrimaryComparer:
             if len(self.early) < EARLY_MAX:
                 self.early.append(raw)      # the secondary runs epoch k, we are not there yet
             else:
-                self.requested = self.requested or "bound"
+                self.stale += 1             # beyond the bound: its pair times out instead
         else:
             self.cmp.secondary(raw)
 
