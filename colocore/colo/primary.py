@@ -45,16 +45,21 @@ def run(colo, ch, checkpointer):
         arb.colo_started()
     try:
         checkpoint_id = 0
+        comparer = None
         if colo.hybrid:
             # the comparer releases the guest's frames as soon as the secondary's guest
             # produced the same, and asks for a checkpoint when they diverge
-            colo.stats.compare_active = colo.network.hybrid_begin(
-                Comparer(params["x-compare-timeout"] / 1000.0), colo.request_checkpoint)
+            comparer = Comparer(params["x-compare-timeout"] / 1000.0)
+            colo.stats.compare_active = colo.network.hybrid_begin(comparer,
+                                                                  colo.request_checkpoint)
         while colo.failover.state == FailoverState.NONE:
             woken = _wait_delay(colo, ch, params, checkpointer.precopy)
             if colo.failover.state != FailoverState.NONE:
                 break
             cause = colo.take_cause("request" if woken else "periodic")
+            if comparer is not None:
+                # a new x-compare-timeout applies from this checkpoint on (a float store)
+                comparer.timeout = params["x-compare-timeout"] / 1000.0
             checkpoint_id += 1
             hb = params["x-colo-heartbeat"]
             ch.set_timeout(hb / 1000.0 if hb else (arb.silence_s if arb else REPLY_TIMEOUT))
