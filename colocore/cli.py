@@ -115,6 +115,9 @@ def main(argv=None):
     b.add_argument("--net", action="store_true",
                    help="failover: the networked guest, timed as a TCP client sees it "
                         "(with and without the replay of mirrored frames; --seed too)")
+    b.add_argument("--hybrid", action="store_true",
+                   help="failover --net: the pair in hybrid COLO (x-colo-hybrid) instead of "
+                        "periodic; net: nothing (its hybrid rows always run)")
     b.add_argument("--capabilities", default="compress", metavar="CAP,...",
                    help="checkpoint: migration capabilities of the primary (default compress)")
     b.add_argument("--patterns", metavar="P,...", help="checkpoint: guest write patterns "

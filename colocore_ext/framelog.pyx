@@ -14,7 +14,7 @@ number evicted). Storage: one byte ring plus an index ring (offset, length, hash
 frame. Every method runs with the GIL held from start to end (no `nogil` inside), so the
 reader thread and the COLO threads never interleave inside one call.
 """
-from libc.errno cimport errno, EAGAIN, EINTR
+from libc.errno cimport errno, EAGAIN, EINTR, ENOBUFS
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
@@ -26,6 +26,7 @@ cdef extern from "<sys/socket.h>" nogil:
     struct sockaddr:
         pass
     ssize_t recvfrom(int fd, void *buf, size_t n, int flags, sockaddr *addr, socklen_t *alen)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
     int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
     int MSG_DONTWAIT
     int MSG_TRUNC
@@ -277,6 +278,28 @@ cdef class FrameLog:
                 self.head_byte = self.off[self.head_idx]
             else:
                 self.head_byte = self.tail_byte = 0
+
+    def send_from(self, int fd, uint64_t seq):
+        """Send frames seq.. (from the oldest kept if seq is older) to the packet socket
+        fd, one send each, never blocking; returns the sequence number to send next (a
+        frame the socket refused with EAGAIN/ENOBUFS is tried again then, any other
+        refusal skips it). A hybrid COLO secondary feeds its guest's tap with it."""
+        cdef size_t i
+        cdef ssize_t r
+        cdef int e
+        if seq < self.first:
+            seq = self.first
+        while seq < self.first + self.count:
+            i = self._idx(seq)
+            r = send(fd, self.buf + self.off[i], self.length[i], MSG_DONTWAIT)
+            if r < 0:
+                e = errno
+                if e == EINTR:
+                    continue
+                if e == EAGAIN or e == ENOBUFS:
+                    break
+            seq += 1
+        return seq
 
     def frames_from(self, uint64_t seq, size_t limit):
         """Up to `limit` frames from sequence number seq on, oldest first (bytes)."""

@@ -35,6 +35,18 @@ cdef extern from "<sys/uio.h>" nogil:
         size_t iov_len
     ssize_t readv(int fd, const iovec *iov, int iovcnt)
 
+cdef extern from "<sys/socket.h>" nogil:
+    struct msghdr:
+        void *msg_name
+        unsigned int msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
+    int MSG_DONTWAIT
+
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
         int fd
@@ -450,6 +462,32 @@ cdef class FrameQueue:
         finally:
             self._unlock()
 
+    def frames_since(self, uint64_t seq):
+        """(first, frames): the pending frames from sequence number `seq` on (from the
+        oldest pending one if `seq` was written already), as a list of bytes, `first` the
+        sequence number of the first. Hybrid COLO's comparer reads what the guest produced
+        with it, one call per wake-up."""
+        cdef size_t off
+        cdef uint32_t length
+        cdef uint64_t at
+        out = []
+        self._lock()
+        try:
+            off = self.head_off
+            at = self.base
+            while at < seq and off < self.used_bytes:
+                memcpy(&length, self.buf + off, 4)
+                off += 4 + length
+                at += 1
+            first = at
+            while off < self.used_bytes:
+                memcpy(&length, self.buf + off, 4)
+                out.append((<char *>self.buf)[off + 4:off + 4 + length])
+                off += 4 + length
+        finally:
+            self._unlock()
+        return first, out
+
     def frames(self):
         """The pending frames as a list of bytes (tests, tools)."""
         out = []
@@ -497,6 +535,13 @@ cdef class NetPath:
     cdef public uint64_t rx_last_hash     # FNV-1a 64 of the last of them
     cdef public uint64_t rx_chain         # all of them, in order: chain_hash(chain, hash)
     cdef public int last_errno
+    # hybrid COLO (not device state): `tee_fd`, a packet socket on the mirror link, gets a
+    # copy of every frame the guest sends (a secondary's output toward the primary's
+    # comparer; a failed send is counted in tee_dropped, the comparer's timeout covers
+    # it); `notify_fd`, an eventfd, is written once per tx_drain that took frames (wakes
+    # the primary's comparer)
+    cdef public int tee_fd, notify_fd
+    cdef public uint64_t tee_sent, tee_dropped
 
     def __cinit__(self, GuestRam ram, Virtqueue rxq, Virtqueue txq, FrameQueue out):
         self.ram = ram
@@ -508,6 +553,8 @@ cdef class NetPath:
             raise MemoryError()
         self.rx_last_hash = FNV_OFFSET_C
         self.rx_chain = FNV_OFFSET_C
+        self.tee_fd = -1
+        self.notify_fd = -1
 
     def __dealloc__(self):
         free(self.scratch)
@@ -613,12 +660,15 @@ cdef class NetPath:
             return 0
         q.check(ram)
         avail = q.avail_idx(ram)
+        cdef uint64_t one = 1
         out._lock()
         try:
             taken = self._drain(q, ram, avail, out)
         finally:
             out._unlock()
         q.publish_used(ram)
+        if taken and self.notify_fd >= 0:
+            write(self.notify_fd, &one, 8)
         return taken
 
     cdef int _drain(self, Virtqueue q, GuestRam ram, uint16_t avail, FrameQueue out) except -1:
@@ -639,6 +689,8 @@ cdef class NetPath:
             if w != 0 or total < VNET_HDR + 14 or total - VNET_HDR > MAX_FRAME:
                 self.tx_dropped += 1          # not a frame: returned, not sent
                 continue
+            if self.tee_fd >= 0:
+                self._tee(iov, n)
             dst = out.append(<uint32_t>(total - VNET_HDR))
             if dst == NULL:
                 continue                      # the held frames are at their bound
@@ -656,6 +708,28 @@ cdef class NetPath:
             self.tx_frames += 1
             self.tx_bytes += total - VNET_HDR
         return taken
+
+    cdef void _tee(self, iovec *iov, int n) noexcept nogil:
+        """Send one transmit chain, without its virtio_net_hdr, to tee_fd (never blocks)."""
+        cdef iovec part[MAX_CHAIN]
+        cdef msghdr msg
+        cdef int k, m = 0
+        cdef size_t skip = VNET_HDR
+        for k in range(n):
+            if skip >= iov[k].iov_len:
+                skip -= iov[k].iov_len
+                continue
+            part[m].iov_base = <uint8_t *>iov[k].iov_base + skip
+            part[m].iov_len = iov[k].iov_len - skip
+            skip = 0
+            m += 1
+        memset(&msg, 0, sizeof(msg))
+        msg.msg_iov = part
+        msg.msg_iovlen = m
+        if sendmsg(self.tee_fd, &msg, MSG_DONTWAIT) < 0:
+            self.tee_dropped += 1
+        else:
+            self.tee_sent += 1
 
     COUNTERS = ("rx_frames", "rx_bytes", "rx_dropped_runt", "rx_dropped_oversize",
                 "tx_frames", "tx_bytes", "tx_dropped", "rx_consumed", "rx_last_hash",

@@ -27,6 +27,8 @@ class NodeView:
     failover: str = "?"
     peer: str = "?"
     checkpoints: int = 0
+    checkpoint_mode: str = ""        # periodic | hybrid (query-colo-status checkpoint-mode)
+    causes: str = ""                 # checkpoints by cause, those that happened (causes_summary)
     network: str = ""                # the network side of COLO, summed up (net_summary)
     arbiter: str = ""                # "" without --arbiter; else state, role, lease
     arbiter_role: str = ""           # serving | secondary | standby | none
@@ -115,6 +117,13 @@ class CheckpointHistory:
         return sum(r.bytes_sent for r in list(self.records)[1:]) / span
 
 
+def causes_summary(causes):
+    """query-colo-status "checkpoint-causes" -> "mismatch 3, periodic 12" (causes seen)."""
+    if not causes:
+        return ""
+    return ", ".join("%s %d" % (k, v) for k, v in causes.items() if v)
+
+
 def net_summary(net):
     """query-colo-status "net" -> one line for a node panel: frames held and released
     (a primary), mirrored and in the log (a secondary), replayed at a takeover."""
@@ -132,6 +141,10 @@ def net_summary(net):
     if log and not takeover:
         parts.append("mirrored %d, log %d%s" % (log.get("logged", 0), log.get("log-frames", 0),
                                                 "" if log.get("replayable") else " (replay off)"))
+    cmp = net.get("compare")
+    if cmp:
+        parts.append("compared %d, matched %d, mismatched %d" % (
+            cmp.get("compared", 0), cmp.get("matched", 0), cmp.get("mismatched", 0)))
     if not log:
         parts.append("held %d, released %d" % (net.get("held", 0), net.get("released-total", 0)))
         if net.get("mirrored") is not None:

@@ -11,7 +11,7 @@ import time
 from colocore.control.hmp import format_channel
 from colocore_tui.link import CommandFailed, LinkLost, open_link, wait_for
 from colocore_tui.messages import LinkChanged, NodeEvent, NodeStatus, SettingsRead
-from colocore_tui.model import arbiter_summary, net_summary
+from colocore_tui.model import arbiter_summary, causes_summary, net_summary
 
 POLL_S = 0.5              # status poll period
 FAST_POLL_S = 0.1         # while a failover is being followed
@@ -27,7 +27,9 @@ def colo_fields(status):
         peer += " (%s)" % status["peer-error"]
     fields = {"colo_mode": status.get("mode", "?"), "last_mode": status.get("last-mode", "?"),
               "reason": status.get("reason", "?"), "failover": status.get("failover-state", "?"),
-              "peer": peer, "checkpoints": status.get("checkpoints", 0)}
+              "peer": peer, "checkpoints": status.get("checkpoints", 0),
+              "checkpoint_mode": status.get("checkpoint-mode", ""),
+              "causes": causes_summary(status.get("checkpoint-causes"))}
     if status.get("net"):
         fields["network"] = net_summary(status["net"])
     if "arbiter" in status:

@@ -310,6 +310,21 @@ static void execute(int id, struct resp_conn *r)
             else
                 p = put_null(p, r);
         }
+    } else if (word_is(cmd, cl, "TIME")) {
+        /* the host's clock (CLOCK_MONOTONIC: seconds, microseconds): the one reply that
+         * differs between two copies of this guest, which is what hybrid COLO's tests
+         * need to make them diverge on purpose */
+        if (n != 1)
+            return arity_error(id, cmd, cl);
+        uint64_t ns = clock_ns();
+        char sec[24], usec[8];
+        uint32_t sl = (uint32_t)(put_int(sec, (int64_t)(ns / 1000000000ULL)) - sec);
+        uint32_t us = (uint32_t)(ns / 1000ULL % 1000000ULL);
+        for (int i = 5; i >= 0; i--, us /= 10)
+            usec[i] = (char)('0' + us % 10);
+        p = put_num(p, '*', 2);
+        p = put_bulk(p, sec, sl);
+        p = put_bulk(p, usec, 6);
     } else if (word_is(cmd, cl, "DBSIZE")) {
         if (n != 1)
             return arity_error(id, cmd, cl);

@@ -8,6 +8,10 @@ between vmstate-received and vmstate-loaded, ...).
                                              each checkpoint (widens the window in
                                              which a failover request must relaunch)
 
+    COLOCORE_HYBRID_STARVE=1                 a hybrid secondary feeds its guest no input
+                                             (its output stops: the primary's comparer
+                                             fills to its bound)
+
 Off (the default) it costs one comparison per point.
 """
 import os
@@ -16,6 +20,8 @@ import signal
 _spec = os.environ.get("COLOCORE_CRASH_AT", "")
 POINT, _, _n = _spec.partition(":")
 CHECKPOINT = int(_n) if _n.isdigit() else 1
+
+HYBRID_STARVE = os.environ.get("COLOCORE_HYBRID_STARVE") == "1"
 
 SLOW_LOAD_S = int(os.environ.get("COLOCORE_SLOW_LOAD_MS", "0") or 0) / 1000.0
 

@@ -18,6 +18,7 @@ import logging
 import time
 
 from colocore.colo import faults
+from colocore.colo.compare import Comparer
 from colocore.colo.failover import FailoverState
 from colocore.errors import ColocoreError, StreamError
 from colocore.migration.transport import Msg, PeerLost, PeerTookOver
@@ -44,10 +45,21 @@ def run(colo, ch, checkpointer):
         arb.colo_started()
     try:
         checkpoint_id = 0
+        comparer = None
+        if colo.hybrid:
+            # the comparer releases the guest's frames as soon as the secondary's guest
+            # produced the same, and asks for a checkpoint when they diverge
+            comparer = Comparer(params["x-compare-timeout"] / 1000.0)
+            colo.stats.compare_active = colo.network.hybrid_begin(comparer,
+                                                                  colo.request_checkpoint)
         while colo.failover.state == FailoverState.NONE:
-            _wait_delay(colo, ch, params, checkpointer.precopy)
+            woken = _wait_delay(colo, ch, params, checkpointer.precopy)
             if colo.failover.state != FailoverState.NONE:
                 break
+            cause = colo.take_cause("request" if woken else "periodic")
+            if comparer is not None:
+                # a new x-compare-timeout applies from this checkpoint on (a float store)
+                comparer.timeout = params["x-compare-timeout"] / 1000.0
             checkpoint_id += 1
             hb = params["x-colo-heartbeat"]
             ch.set_timeout(hb / 1000.0 if hb else (arb.silence_s if arb else REPLY_TIMEOUT))
@@ -70,9 +82,18 @@ def run(colo, ch, checkpointer):
             # (colo/secondary.py), so releasing here cannot show a client output that a
             # takeover would not have. The frames are written to the tap here and now.
             m.release_output(cap.marks)
+            # Hybrid: the frames the guest sent after the capture stay held and are
+            # compared with what the secondary's guest sends once it resumed from this
+            # state (fed the frames this guest consumed after the capture); a divergence
+            # found while this checkpoint was under way concerned the epoch it ends.
+            colo.network.hybrid_epoch(checkpoint_id, cap.marks[-1])
+            colo.drop_compare_request()
             ch.expect(Msg.VMSTATE_LOADED)
+            colo.network.hybrid_loaded()
             faults.crash("after-loaded", checkpoint_id)
-            _account(colo, checkpoint_id, cap, sent, raw, (time.perf_counter() - t0) * 1000)
+            colo.stats.causes[cause] += 1
+            _account(colo, checkpoint_id, cap, sent, raw, (time.perf_counter() - t0) * 1000,
+                     cause)
     except PeerTookOver as exc:
         colo.channel = None
         ch.close()
@@ -98,7 +119,8 @@ def run(colo, ch, checkpointer):
 
 def _wait_delay(colo, ch, params, between=None):
     """Sleep x-checkpoint-delay, waking early on trigger; heartbeat while idle;
-    `between()` (the pre-copy) every PRECOPY_EVERY (at least twice per delay)."""
+    `between()` (the pre-copy) every PRECOPY_EVERY (at least twice per delay). Returns
+    whether the trigger ended it."""
     delay = params["x-checkpoint-delay"] / 1000.0
     hb = params["x-colo-heartbeat"] / 1000.0
     # under an arbiter the secondary calls us silent after `silence`: speak 4x as often
@@ -106,6 +128,7 @@ def _wait_delay(colo, ch, params, between=None):
     every = hb / 3 if hb else idle
     now = time.monotonic()
     deadline, next_hb = now + delay, now + every
+    woken = False
     while True:
         now = time.monotonic()
         left = deadline - now
@@ -115,6 +138,7 @@ def _wait_delay(colo, ch, params, between=None):
         if between is not None:
             step = min(step, max(PRECOPY_EVERY / 4, min(PRECOPY_EVERY, delay / 2)))
         if colo.trigger.wait(max(step, 0)):
+            woken = True
             break
         if between is not None and time.monotonic() < deadline:
             between()
@@ -123,9 +147,10 @@ def _wait_delay(colo, ch, params, between=None):
             ch.send_msg(Msg.HEARTBEAT)
             next_hb = now + every
     colo.trigger.clear()
+    return woken
 
 
-def _account(colo, checkpoint_id, cap, sent, raw, latency_ms):
+def _account(colo, checkpoint_id, cap, sent, raw, latency_ms, cause="periodic"):
     s = colo.stats
     s.checkpoints += 1
     pause_ms = cap.pause_s * 1000
@@ -142,7 +167,7 @@ def _account(colo, checkpoint_id, cap, sent, raw, latency_ms):
     s.last_raw = raw
     s.total_bytes += sent
     s.last_latency_ms = latency_ms
-    data = {"id": checkpoint_id, "pause-ms": round(pause_ms, 3),
+    data = {"id": checkpoint_id, "cause": cause, "pause-ms": round(pause_ms, 3),
             "dirty-pages": cap.dirty, "bytes": sent, "raw-bytes": raw,
             "compression-ratio": round(raw / sent, 3) if sent else 0.0,
             "latency-ms": round(latency_ms, 3), "mode": cap.mode,

@@ -50,18 +50,26 @@ def run(colo, ch):
             colo.cache = bytearray(m.memory.size)
             pages.copy(colo.cache, m.memory.ram)
             m.memory.harvest()          # from here on, its own writes are what it dirties
+            # its frames go to the primary's comparer from now on (after marker 0), its
+            # input comes live from the mirror log
+            colo.network.hybrid_begin(starve=faults.HYBRID_STARVE)
             m.resume("colo")
         ch.send_msg(Msg.CHECKPOINT_READY)
         silence = colo.arbiter.silence_s if colo.arbiter is not None else SILENCE_TIMEOUT
+        epoch = 0
         while colo.failover.state == FailoverState.NONE:
             hb = params["x-colo-heartbeat"]
             ch.set_timeout(hb / 1000.0 if hb else silence)
             msg = ch.recv_msg()
             if msg == Msg.CHECKPOINT_REQUEST:
+                epoch += 1
                 if colo.hybrid:
                     # suspend this guest before the primary captures: from the reply on,
-                    # neither copy's state moves until both resume from the checkpoint
+                    # neither copy's state moves until both resume from the checkpoint;
+                    # its input stops, and the comparer learns that its frames so far
+                    # belong to the epoch this checkpoint ends
                     m.park_quietly()
+                    colo.network.hybrid_suspend(epoch)
                     own_dirty = m.memory.harvest()
                 ch.send_msg(Msg.CHECKPOINT_REPLY)
             elif msg == Msg.VMSTATE_SEND:
@@ -89,6 +97,9 @@ def run(colo, ch):
                 if cp.digest is not None:
                     _verify(colo, cp)
                 _loaded(colo, cp.info["id"], received_at, cp.devices.get("virtio-net"))
+                if colo.hybrid:
+                    # what the primary's guest consumed after its capture goes in first
+                    colo.network.hybrid_resume()
                 ch.send_msg(Msg.VMSTATE_LOADED)
                 if colo.hybrid:
                     own_dirty = None

@@ -35,7 +35,15 @@ class NoNetwork:
     checkpoint_figures(cap) primary, after a checkpoint: figures for COLO_CHECKPOINT
     loaded()                secondary, after loading a checkpoint: match the input log
     takeover()              secondary failover, before the guest runs: replay, attach
-    status()                the "net" part of query-colo-status (None: no NIC)"""
+    status()                the "net" part of query-colo-status (None: no NIC)
+    hybrid COLO (x-colo-hybrid), net/hybrid.py:
+    hybrid_begin(comparer, request, starve)  both sides, COLO starts (primary: compare
+                            with `comparer`, ask `request(cause)` for checkpoints);
+                            False: nothing to compare
+    hybrid_suspend(epoch)   secondary, its guest parked at checkpoint-request `epoch`
+    hybrid_resume()         secondary, a checkpoint loaded, its guest still parked
+    hybrid_epoch(epoch, mark)  primary, vmstate-received: compare afresh after `mark`
+    hybrid_loaded()         primary, vmstate-loaded: the secondary's guest runs again"""
 
     def begin(self, mode):
         pass
@@ -54,6 +62,28 @@ class NoNetwork:
 
     def status(self):
         return None
+
+    def hybrid_begin(self, comparer=None, request=None, starve=False):
+        return False
+
+    def hybrid_suspend(self, epoch):
+        pass
+
+    def hybrid_resume(self):
+        pass
+
+    def hybrid_epoch(self, epoch, mark):
+        pass
+
+    def hybrid_loaded(self):
+        pass
+
+
+# Why a checkpoint was taken: the delay ran out (periodic), the comparer found the copies
+# diverged (mismatch), a frame waited longer than x-compare-timeout (timeout), the
+# comparer's queues reached their bound (bound), or an operator or a parameter change
+# asked (request).
+CAUSES = ("periodic", "mismatch", "timeout", "bound", "request")
 
 
 class ColoStats:
@@ -75,6 +105,8 @@ class ColoStats:
         self.last_cow_pages = 0
         self.last_wp_faults = 0
         self.last_unchanged_pages = 0
+        self.causes = dict.fromkeys(CAUSES, 0)    # a primary's checkpoints by cause
+        self.compare_active = False               # a hybrid primary compares frames
 
     @property
     def mean_pause_ms(self):
@@ -104,6 +136,8 @@ class Colo:
         self.peer_state = "none"          # none, connected, lost, took over
         self.peer_error = None
         self.trigger = threading.Event()  # checkpoint now (delay changed, failover)
+        self.cause = None                 # why `trigger` was set (CAUSES), None: request
+        self._cause_lock = threading.Lock()
         self.exit_sent = False
         self.hybrid = False
         self.apply_lock = threading.Lock()
@@ -125,6 +159,7 @@ class Colo:
         st = {"mode": self.mode, "last-mode": self.last_mode, "reason": self.reason,
               "failover-state": self.failover.state.value,
               "checkpoint-mode": "hybrid" if self.hybrid else "periodic",
+              "checkpoint-causes": dict(s.causes),
               "peer": self.peer_state,
               "peer-error": self.peer_error, "checkpoints": s.checkpoints,
               "reverted-pages": s.reverted_pages,
@@ -133,6 +168,28 @@ class Colo:
         if net is not None:             # QMP leaves an absent optional member out
             st["net"] = net
         return st
+
+    def request_checkpoint(self, cause):
+        """A checkpoint now, for `cause` (the comparer's thread, an operator): the first
+        cause asked for wins until the checkpoint loop takes it."""
+        with self._cause_lock:
+            if self.cause is None:
+                self.cause = cause
+        self.trigger.set()
+
+    def take_cause(self, default):
+        """The checkpoint loop starts a checkpoint: why (and nobody asked any more)."""
+        with self._cause_lock:
+            cause, self.cause = self.cause, None
+        return cause or default
+
+    def drop_compare_request(self):
+        """A checkpoint made the comparer's pending request moot (it concerned the epoch
+        that checkpoint ended): forget it, unless an operator's or a failover's."""
+        with self._cause_lock:
+            if self.cause in ("mismatch", "timeout", "bound"):
+                self.cause = None
+                self.trigger.clear()
 
     def exit_event(self, reason):
         if not self.exit_sent:

@@ -100,6 +100,9 @@ def format_colo(st):
              "checkpoint mode: %s" % st["checkpoint-mode"],
              "peer: %s" % peer,
              "checkpoints: %d" % st["checkpoints"]]
+    causes = st.get("checkpoint-causes")
+    if causes and st["mode"] == "primary" or causes and any(causes.values()):
+        lines.append("checkpoints by cause: " + ", ".join("%s %d" % kv for kv in causes.items()))
     if st["verified"] or st["verify-mismatches"]:
         lines.append("verified checkpoints: %d, mismatches: %d"
                      % (st["verified"], st["verify-mismatches"]))

@@ -19,6 +19,16 @@ def format_colo_net(n):
                      % (lg["logged"], lg["log-frames"], lg["log-bytes"], lg["log-evicted"],
                         lg["socket-dropped"], lg["matched"], lg["unmatched"],
                         "ready" if lg["replayable"] else "off", lg["note"]))
+    c = n.get("compare")
+    if c:
+        lines.append("hybrid: frames compared %d, matched %d, mismatched %d, not compared "
+                     "(ARP, IPv6) %d; held %d, released on a match %d; stale secondary "
+                     "frames %d; x-compare-timeout %g ms"
+                     % (c["compared"], c["matched"], c["mismatched"], c["passed"], c["held"],
+                        c["released"], c["stale"], c["timeout-ms"]))
+    if "fed" in n:
+        lines.append("hybrid: input fed to the guest up to mirror frame %d; frames sent to the "
+                     "comparer %d, dropped %d" % (n["fed"], n["tee-sent"], n["tee-dropped"]))
     t = n.get("takeover")
     if t:
         line = "takeover: replayed %d frames into tap %s" % (t["replayed"], t["tap"])

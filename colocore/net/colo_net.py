@@ -25,6 +25,7 @@ import os
 import socket
 import time
 
+from colocore.net.hybrid import PrimaryComparer, link_socket, marker
 from colocore.net.inputlog import DEFAULT_FRAMES, MirrorLog, MirrorReader
 from colocore.net.mirror import TapMirror, tune_mirror_in
 from colocore.net.tap import NicError, off_loop
@@ -59,6 +60,11 @@ class ColoNet:
                                         # last checkpoint
         self.held_total = 0
         self.released_total = 0
+        self.hybrid = False
+        self.starve = False
+        self.comparer = None            # PrimaryComparer, a hybrid primary with mirror=
+        self._tee = None                # a hybrid secondary's socket toward the comparer
+        self._cmp_sock = None           # a primary's socket for the secondary's output
 
     # ---- a destination: from start-up ----------------------------------------------------
 
@@ -121,12 +127,19 @@ class ColoNet:
         if not self.spec.mirror:
             return lambda: None
         self.mirror = TapMirror(self.backend.ifname, self.spec.mirror).install()
+        # A hybrid secondary sends its first frames (marker 0 first) as soon as it loaded
+        # the initial state, before this primary's COLO loop runs: the socket that
+        # receives them for the comparer is opened now, so that none is lost.
+        self._cmp_sock = link_socket(self.spec.mirror, "the secondary's output")
         return self._remove_mirror
 
     def _remove_mirror(self):
         m, self.mirror = self.mirror, None
         if m is not None:
             m.teardown()
+        sock, self._cmp_sock = self._cmp_sock, None
+        if sock is not None:
+            sock.close()
 
     def begin(self, mode):
         self.mode = mode
@@ -135,8 +148,84 @@ class ColoNet:
             self._last = (nic.out.produced, nic.out.written, nic.path.rx_consumed,
                           self.mirror.sent() if self.mirror is not None else None)
 
+    # ---- hybrid COLO (net/hybrid.py) --------------------------------------------------
+
+    def hybrid_begin(self, comparer=None, request=None, starve=False):
+        """Hybrid COLO starts. Primary: the comparer thread (needs mirror=: the link also
+        carries the secondary's output). Secondary, its guest parked at the initial state:
+        its transmitted frames go to the link from now on, after marker 0, and its input
+        is fed live from the log (never with starve, a fault for tests: colo/faults.py).
+        Returns False when there is nothing to compare."""
+        nic = self.machine.nic
+        if nic is None or not self.spec.mirror:
+            return False
+        self.hybrid = True
+        self.starve = starve
+        if self.mode == "primary":
+            if self._cmp_sock is None:
+                self._cmp_sock = link_socket(self.spec.mirror, "the secondary's output")
+            sock, self._cmp_sock = self._cmp_sock, None
+            self.comparer = PrimaryComparer(self.machine, sock, comparer, request).start()
+            return True
+        self._tee = link_socket(self.spec.mirror, "the guest's output toward the comparer")
+        nic.path.tee_fd = self._tee.fileno()
+        self._tee.send(marker(0))
+        self.hybrid_resume()
+        return True
+
+    def hybrid_suspend(self, epoch):
+        """Secondary, its guest just parked at checkpoint-request `epoch`: no more input;
+        the marker tells the comparer that everything before it is of the old epoch."""
+        if self.mlog is not None:
+            self.mlog.feed_stop()
+        if self._tee is not None:
+            try:
+                self._tee.send(marker(epoch))
+            except OSError as exc:          # the comparer times out and checkpoints again
+                log.warning("COLO hybrid: the epoch marker could not be sent: %s", exc)
+
+    def hybrid_resume(self):
+        """Secondary, a checkpoint loaded and matched, its guest still parked: the tap's
+        queue holds frames fed for the state it had, not for the checkpoint's: empty it,
+        then feed from the frame after the checkpoint's last consumed one."""
+        if self.mlog is None or self._inject_sock is None or self.starve:
+            return
+        try:
+            self._drain_tap()
+        except NicError as exc:
+            log.error("COLO hybrid: %s", exc)
+            return
+        if self.reader is not None:
+            self.reader.drain()
+        self.mlog.feed_start(self._inject_sock.fileno())
+
+    def hybrid_epoch(self, epoch, mark):
+        """Primary, vmstate-received of checkpoint `epoch`: its frames up to `mark` were
+        released; the comparison starts afresh."""
+        if self.comparer is not None:
+            self.comparer.epoch_start(epoch, mark)
+
+    def hybrid_loaded(self):
+        if self.comparer is not None:
+            self.comparer.loaded()
+
+    def _hybrid_end(self):
+        if self.comparer is not None:
+            self.comparer.stop()
+            self.comparer = None
+        nic = self.machine.nic
+        if nic is not None:
+            nic.path.tee_fd = -1
+        if self.mlog is not None:
+            self.mlog.feed_stop()
+        if self._tee is not None:
+            self._tee.close()
+            self._tee = None
+
     def end(self):
         """This node left COLO: what COLO set up goes."""
+        self._hybrid_end()
+        self.hybrid = self.starve = False
         if self.mode == "primary":
             self._remove_mirror()
         elif self.mode == "secondary":
@@ -145,6 +234,7 @@ class ColoNet:
 
     def close(self):
         """The node exits."""
+        self._hybrid_end()
         self._remove_mirror()
         self.stop_log()
 
@@ -221,6 +311,16 @@ class ColoNet:
             return [], "this node has no mirror link (--nic ...,mirror=LINK)"
         if self.reader is not None:
             self.reader.stop()
+        if self.hybrid:
+            # the guest ran on the live feed and is not rolled back: it gets what the feed
+            # did not send yet, after what sits in its tap's queue
+            self.mlog.feed_stop()
+            nic = self.machine.nic
+            if nic is not None:
+                nic.path.tee_fd = -1
+            if self.reader is not None:
+                self.reader.drain()
+            return self.mlog.unfed(self.backend.txqlen or DEFAULT_FRAMES), None
         limit = self.backend.txqlen or DEFAULT_FRAMES
         deadline = time.monotonic() + REPLAY_GRACE_S
         while True:
@@ -237,17 +337,8 @@ class ColoNet:
         AF_PACKET send on the tap is a transmit on it, which the tap queues for its
         reader. The queue is emptied first: while the guest was parked the host may have
         queued its own frames (IPv6 neighbour discovery) that no checkpoint knows."""
-        fd = self.backend.fd
-        if fd < 0:
-            raise NicError("tap %s is closed" % self.backend.ifname)
-        while True:
-            try:
-                os.read(fd, 65536)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                raise NicError("tap %s: %s (deleted under the node?)" % (
-                    self.backend.ifname, exc.strerror or exc)) from None
+        if not self.hybrid:
+            self._drain_tap()
         s = self._inject_sock
         sent = 0
         for f in frames:
@@ -260,6 +351,19 @@ class ColoNet:
                 log.warning("COLO takeover: a replayed frame of %d bytes was refused: %s",
                             len(f), exc.strerror)
         return sent
+
+    def _drain_tap(self):
+        fd = self.backend.fd
+        if fd < 0:
+            raise NicError("tap %s is closed" % self.backend.ifname)
+        while True:
+            try:
+                os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                raise NicError("tap %s: %s (deleted under the node?)" % (
+                    self.backend.ifname, exc.strerror or exc)) from None
 
     # ---- reporting ------------------------------------------------------------------------
 
@@ -277,4 +381,11 @@ class ColoNet:
             st["log"] = self.mlog.status()
         if self.takeover_result is not None:
             st["takeover"] = dict(self.takeover_result)
+        comparer = self.comparer
+        if comparer is not None:
+            st["compare"] = comparer.status()
+        if self.mlog is not None and self.hybrid:
+            st["fed"] = self.mlog.feed_next
+            st["tee-sent"] = nic.path.tee_sent
+            st["tee-dropped"] = nic.path.tee_dropped
         return st

@@ -86,6 +86,11 @@ class MirrorLog:
         self.faulted = False        # the log disagreed with a checkpoint once
         self.unmatched = 0          # checkpoints where the log did not agree
         self.pending = False
+        # hybrid COLO: the log feeds the secondary's guest live (a packet socket on its
+        # tap); `feed_next` is the next frame to send, everything before it was sent
+        self.feed_fd = -1
+        self.feeding = False
+        self.feed_next = 0
 
     # ---- filling (the reader thread) ----------------------------------------------------
 
@@ -102,7 +107,40 @@ class MirrorLog:
                             "matches it again", drops)
             if self.pending and n:
                 self._match()
+            if self.feeding:
+                self.feed_next = self.log.send_from(self.feed_fd, self.feed_next)
             return n
+
+    # ---- hybrid COLO: the live feed -----------------------------------------------------
+
+    def feed_stop(self):
+        """The guest is parked (checkpoint-request, takeover): send nothing more; returns
+        the first frame not sent."""
+        with self.lock:
+            self.feeding = False
+            return self.feed_next
+
+    def feed_start(self, fd):
+        """A checkpoint was loaded (matched by checkpoint()): the guest holds the primary's
+        state, which consumed the log up to the match; it gets every frame after it, in
+        order, from now on, including those still to come when the checkpoint is ahead
+        of the mirror (pending)."""
+        with self.lock:
+            if self.anchor is None:
+                nxt = self.log.first
+            elif self.pending:
+                nxt = self.anchor + (self.target[0] - self.anchor_consumed) + 1
+            else:
+                nxt = self.anchor + 1
+            self.feed_fd = fd
+            self.feeding = True
+            self.feed_next = self.log.send_from(fd, nxt)
+            return nxt
+
+    def unfed(self, limit):
+        """The frames the live feed has not sent yet (a hybrid takeover injects them)."""
+        with self.lock:
+            return self.log.frames_from(self.feed_next, limit)
 
     def append(self, frame):
         """Log one frame by hand (tests)."""

@@ -383,6 +383,12 @@ class Machine:
         for out, mark in zip(self._outputs(), marks):
             out.release(mark)
 
+    def net_marks(self, upto):
+        """Marks for release_output() that let the NIC's frames out up to `upto` and move
+        no other channel (hybrid COLO's comparer releases frames between checkpoints)."""
+        return tuple(upto if out is getattr(self.nic, "output", None) else 0
+                     for out in self._outputs())
+
     def hold_output(self):
         """Entering COLO: guest output is held until a checkpoint that produced it is
         safe on the secondary (output commit)."""

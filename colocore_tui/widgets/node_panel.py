@@ -50,11 +50,15 @@ class NodePanel(Static):
             "green" if view.vm_status == "running" else "yellow")))
         colo = _value(view.colo_mode, stale or ("green" if view.colo_mode in ("primary", "secondary")
                                                 else None))
+        if view.checkpoint_mode == "hybrid":
+            colo.append(" hybrid", style=stale or "bold cyan")
         colo.append("  last %s / %s" % (view.last_mode, view.reason), style="dim")
         grid.add_row("COLO", colo)
         mig = _value(view.migration, stale)
         if view.checkpoints:
             mig.append("  %d checkpoints" % view.checkpoints, style="dim")
+            if view.causes:
+                mig.append(" (%s)" % view.causes, style="dim")
         grid.add_row("migration", mig)
         fo_style = stale or {"none": None, "completed": "bold green"}.get(view.failover, "bold yellow")
         failover = _value(view.failover, fo_style)

@@ -77,7 +77,7 @@ def test_capabilities_and_parameters_words(nodes):
     params = node.hmp("info migrate_parameters")
     for line in ("downtime-limit: 300 ms", "max-bandwidth: 134217728 bytes/second",
                  "xbzrle-cache-size: 67108864 bytes", "x-checkpoint-delay: 200 ms",
-                 "x-colo-heartbeat: 0 ms"):
+                 "x-colo-heartbeat: 0 ms", "x-compare-timeout: 20 ms"):
         assert line in params
     assert node.hmp("migrate_set_parameter x-checkpoint-delay 50") == ""
     assert "x-checkpoint-delay: 50 ms" in node.hmp("info migrate_parameters")

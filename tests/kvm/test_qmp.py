@@ -66,12 +66,16 @@ def test_greeting_and_queries(nodes):
         # QEMU's fields, then what `info colo` shows, as data
         assert await c.execute("query-colo-status") == {
             "mode": "none", "last-mode": "none", "reason": "none", "failover-state": "none",
-            "checkpoint-mode": "periodic", "peer": "none", "peer-error": None,
+            "checkpoint-mode": "periodic",
+            "checkpoint-causes": {"periodic": 0, "mismatch": 0, "timeout": 0, "bound": 0,
+                                  "request": 0},
+            "peer": "none", "peer-error": None,
             "checkpoints": 0, "reverted-pages": 0, "verified": 0, "verify-mismatches": 0}
         caps = await c.execute("query-migrate-capabilities")
         assert {"capability": "x-colo", "state": False} in caps
         params = await c.execute("query-migrate-parameters")
         assert params["x-checkpoint-delay"] == 200 and params["downtime-limit"] == 300
+        assert params["x-compare-timeout"] == 20
         await c.disconnect()
     asyncio.run(go())
     assert kv.request("PING") == "PONG"

@@ -94,7 +94,12 @@ def test_history_figures():
 def test_colo_status_fields():
     assert colo_fields(ANSWERS["query-colo-status"]) == {
         "colo_mode": "primary", "last_mode": "none", "reason": "none", "failover": "none",
-        "peer": "connected", "checkpoints": 7}
+        "peer": "connected", "checkpoints": 7, "checkpoint_mode": "", "causes": ""}
+    hybrid = colo_fields(dict(ANSWERS["query-colo-status"], **{
+        "checkpoint-mode": "hybrid",
+        "checkpoint-causes": {"periodic": 2, "mismatch": 5, "timeout": 0, "bound": 0,
+                              "request": 0}}))
+    assert hybrid["checkpoint_mode"] == "hybrid" and hybrid["causes"] == "periodic 2, mismatch 5"
     assert colo_fields(dict(ANSWERS["query-colo-status"], peer="lost",
                             **{"peer-error": "EOF"}))["peer"] == "lost (EOF)"
 
@@ -112,3 +117,6 @@ def test_network_side_in_the_node_panel_fields():
                                      "error": "no such bridge brs"})
     assert net_summary(took) == "replayed 5, ERROR no such bridge brs"
     assert "network" not in colo_fields(ANSWERS["query-colo-status"])      # no NIC
+    compared = dict(primary, compare={"compared": 50, "matched": 48, "mismatched": 1})
+    assert net_summary(compared) == "compared 50, matched 48, mismatched 1, held 3, " \
+        "released 87, mirrored 140"

@@ -94,5 +94,6 @@ def run(args):
     if getattr(args, "net", False):
         from colocore.tools.bench import failover_net
         return failover_net.bench_failover_net(2 if args.quick else (args.trials or 20),
-                                               seed=args.seed)
+                                               seed=args.seed,
+                                               hybrid=getattr(args, "hybrid", False))
     return bench_failover(args.trials or 20)

@@ -7,7 +7,7 @@ bridge; redis-server runs in host `r`, whose veth is on the same bridge. So each
 crosses the client's veth, the bridge, and one port (the tap, or redis-server's veth).
 
 Rows (`--json`: {"rows", "frame_path", "kernel"}; every row has the kernel too): target
-(guest | redis-server), mode (unprotected | periodic; hybrid comes with issue 14), test
+(guest | redis-server), mode (unprotected | periodic | hybrid), test
 (SET | GET), pipeline (1 | 16), clients, requests, rps, p50_ms, p99_ms,
 ratio_to_reference (rps over redis-server's for the same test and pipeline). Guest rows
 carry a profile of the run: vCPU exits and frames per 1,000 requests, frames per exit,
@@ -52,6 +52,8 @@ DELAYS = (200, 25)
 # (x-checkpoint-delay, pipeline) -> requests: a run of ~5-10 s each
 PERIODIC_REQUESTS = {(200, 1): 2_000, (200, 16): 20_000, (25, 1): 10_000, (25, 16): 80_000}
 GUEST_MAC = "52:54:00:0c:0c:02"
+# hybrid rows: the periodic checkpoint is only a backstop there
+HYBRID_DELAY = 2000
 
 
 def _pdeathsig():
@@ -165,6 +167,7 @@ def bench_net(quick=False):
                                           "ratio_to_reference": round(rps / ref_res[test][0], 3)},
                                          **extra))
             rows += _periodic_rows(lab, nodes, node, client, s, mirror_s, rows, quick)
+            rows += _hybrid_rows(lab, nodes, node, client, s, mirror_s, rows, quick)
         finally:
             if ref.poll() is None:
                 ref.terminate()
@@ -215,6 +218,59 @@ def _periodic_rows(lab, nodes, node, client, s, mirror_s, rows, quick):
                             "node_cpu_s": round(node_cpu1 - node_cpu0, 2),
                             "client_cpu_s": round(cli_cpu, 2)})
     sec.kill()                          # the primary leaves COLO and serves alone
+    wait_until(node, "query-colo-status", lambda d: d["failover-state"] == "completed",
+               "the guest serving alone", timeout=20)
+    return out
+
+
+def _hybrid_rows(lab, nodes, node, client, s, mirror_s, rows, quick):
+    """The guest under hybrid COLO (x-colo-hybrid) with a fresh secondary: replies leave
+    when the secondary's guest produced the same, checkpoints come from divergence (by
+    cause) or the HYBRID_DELAY backstop."""
+    from colocore.tools.procs import protect, wait_until
+    uri = "tcp:10.77.0.2:5556"
+    sec = nodes.start("secondary-hybrid", ["-m", "256M", "--incoming", uri, "--nic",
+                                           "tap,ifname=tapbh,mac=%s,mirror=%s" % (GUEST_MAC, mirror_s)],
+                      prefix=lab.exec_prefix(s))
+    sec.wait_monitor()
+    say("protecting the guest (COLO, hybrid, x-checkpoint-delay %d ms backstop)", HYBRID_DELAY)
+    protect(node, uri, HYBRID_DELAY, capabilities=("x-colo-hybrid",))
+    out = []
+    ref = {(r["test"], r["pipeline"]): r["rps"] for r in rows if r["target"] == "redis-server"}
+    alone = {(r["test"], r["pipeline"]): r for r in rows
+             if r["target"] == "guest" and r["mode"] == "unprotected"}
+    for pipeline in PIPELINES:
+        n = (QUICK_REQUESTS if quick else REQUESTS)[pipeline]
+        say("redis-benchmark -c %d -P %d -n %d: guest under hybrid COLO", CLIENTS, pipeline, n)
+        before, node_cpu0 = _nic_counters(node), _cpu_s(node.pid)
+        st0 = node.qmp("query-colo-status")
+        res, cli_cpu = _benchmark(client, GUEST_IP, pipeline, n)
+        st1 = node.qmp("query-colo-status")
+        after, node_cpu1 = _nic_counters(node), _cpu_s(node.pid)
+        total = n * len(TESTS)
+        frames = (after["rx"] - before["rx"]) + (after["tx"] - before["tx"])
+        c0, c1 = st0["net"]["compare"], st1["net"]["compare"]
+        causes = {k: st1["checkpoint-causes"][k] - st0["checkpoint-causes"][k]
+                  for k in st1["checkpoint-causes"]}
+        for test in ("SET", "GET"):
+            rps, p50, p99 = res[test]
+            base = alone[(test, pipeline)]
+            out.append({"target": "guest", "mode": "hybrid", "checkpoint_delay_ms": HYBRID_DELAY,
+                        "test": test, "pipeline": pipeline, "clients": CLIENTS,
+                        "requests": n, "rps": rps, "p50_ms": p50, "p99_ms": p99,
+                        "ratio_to_reference": round(rps / ref[(test, pipeline)], 3),
+                        "ratio_to_unprotected": round(rps / base["rps"], 3),
+                        "p50_to_unprotected": round(p50 / base["p50_ms"], 3) if base["p50_ms"] else None,
+                        "checkpoints": st1["checkpoints"] - st0["checkpoints"],
+                        "checkpoint_causes": causes,
+                        "frames_compared": c1["compared"] - c0["compared"],
+                        "frames_matched": c1["matched"] - c0["matched"],
+                        "frames_mismatched": c1["mismatched"] - c0["mismatched"],
+                        "frames_released_on_match": c1["released"] - c0["released"],
+                        "frames_per_1k_requests": round(1000.0 * frames / total, 2),
+                        "node_cpu_s": round(node_cpu1 - node_cpu0, 2),
+                        "client_cpu_s": round(cli_cpu, 2)})
+    sec.kill()
     wait_until(node, "query-colo-status", lambda d: d["failover-state"] == "completed",
                "the guest serving alone", timeout=20)
     return out
@@ -342,11 +398,21 @@ def format(data):
              "vs unprotected | exits/1k req | frames/exit | checkpoints |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        cps = r.get("checkpoints", "")
+        if "checkpoint_causes" in r:
+            cps = "%s (%s)" % (cps, ", ".join("%s %d" % kv for kv in r["checkpoint_causes"].items() if kv[1]))
         lines.append("| %s | %s | %s | %s | %d | %.0f | %.3f | %.3f | %.3f | %s | %s | %s | %s |" % (
             r["target"], r["mode"], r.get("checkpoint_delay_ms", ""), r["test"], r["pipeline"],
             r["rps"], r["p50_ms"], r["p99_ms"], r["ratio_to_reference"],
             r.get("ratio_to_unprotected", ""), r.get("exits_per_1k_requests", ""),
-            r.get("frames_per_exit", ""), r.get("checkpoints", "")))
+            r.get("frames_per_exit", ""), cps))
+    hyb = [r for r in rows if r["mode"] == "hybrid"]
+    if hyb:
+        lines += ["", "hybrid: frames compared / matched / mismatched / released on a match:"]
+        for r in hyb[::2]:
+            lines.append("  -P %d: %d / %d / %d / %d; checkpoints %s" % (
+                r["pipeline"], r["frames_compared"], r["frames_matched"], r["frames_mismatched"],
+                r["frames_released_on_match"], r["checkpoint_causes"]))
     lines += ["", "frame path (ns per frame, batches of %d):" % path[0]["batch"]]
     for p in path:
         lines.append("  %s: %.0f ns in colocore_ext.virtq, %.0f ns as a Python loop (x%.1f)" % (

@@ -30,6 +30,13 @@ static uint8_t tx_frames[64][ETH_FRAME_MAX + 64];
 static uint32_t tx_lens[64], tx_count;
 static volatile sig_atomic_t stop;
 
+uint64_t clock_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
 static uint64_t now_ms(void)
 {
     struct timespec ts;
