@@ -146,6 +146,10 @@ class PipelineWriter:
     def _one_batch(self):
         first = self.acked
         cmds = [("SET", self.key(i), self.value(i)) for i in range(first, first + self.batch)]
+        if self.conn._sock is not self.sock:
+            # checked before sending too: redis-py would connect again from this thread's
+            # namespace (the root one), not the client host's
+            raise AssertionError("redis-py lost its connection")
         self.conn.send_packed_command(self.conn.pack_commands(cmds), check_health=False)
         for i in range(self.batch):
             r = self.conn.read_response()

@@ -46,6 +46,28 @@ def need_redis_py():
     return redis
 
 
+def redis_in(lab, host, ip, port, **kw):
+    """A redis-py client that opens every connection inside `host`'s namespace, and never
+    retries. redis-py connects lazily, and a pipeline, a pool's second connection or a
+    retry connects from whatever namespace the calling thread is in at that moment (the
+    root one, where the guest's address may belong to some other machine): each
+    connection enters the namespace itself."""
+    redis = need_redis_py()
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    class Connection(redis.Connection):
+        def _connect(self):
+            with lab.enter(host):
+                return super()._connect()
+
+    pool = redis.ConnectionPool(connection_class=Connection, host=ip, port=port,
+                                retry=Retry(NoBackoff(), 0), retry_on_error=[], **kw)
+    r = redis.Redis(connection_pool=pool)
+    r.ping()
+    return r
+
+
 @contextlib.contextmanager
 def guest_lab(prefix="ccn", mtu=None):
     """Client host c (10.0.0.1) wired to bridge br0 in guest host h (10.0.0.9 on br0)."""

@@ -10,7 +10,7 @@ import time
 
 from colocore.tools.procs import protect, wait_until
 
-from netkit import (GUEST_IP, PipelineWriter, checksum, colo_hosts, icmp_ping, link_stats, need_redis_py,
+from netkit import (GUEST_IP, PipelineWriter, checksum, colo_hosts, icmp_ping, link_stats, redis_in,
                     wait_resp)
 
 DELAY = 60000           # the periodic backstop: no checkpoint of that cause in these tests
@@ -29,17 +29,7 @@ def _hybrid_pair(nodes, ch, timeout_ms=None):
 
 
 def _redis(ch):
-    redis = need_redis_py()
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-    with ch.lab.enter(ch.c):
-        # one connection, made here, never again: a retry would reconnect outside the
-        # client's namespace
-        r = redis.Redis(host=GUEST_IP, port=6379, socket_timeout=20, socket_connect_timeout=10,
-                        single_connection_client=True, retry=Retry(NoBackoff(), 0),
-                        retry_on_error=[])
-        r.ping()
-    return r
+    return redis_in(ch.lab, ch.c, GUEST_IP, 6379, socket_timeout=20, socket_connect_timeout=10)
 
 
 def test_redis_py_in_hybrid_mode_replies_leave_on_a_match_not_a_checkpoint(nodes):

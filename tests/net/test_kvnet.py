@@ -5,7 +5,7 @@ real clients: ICMP echo, redis-cli, redis-benchmark, redis-py."""
 import pytest
 
 from netkit import (GUEST_IP, PORT, Resp, guest_lab, icmp_ping, need_redis_py, need_tools,
-                    run_in, start_kvnet, wait_resp)
+                    redis_in, run_in, start_kvnet, wait_resp)
 
 
 @pytest.fixture
@@ -37,9 +37,7 @@ def test_redis_py_ten_thousand_keys_pipelined_and_every_command(nodes, lab):
     lab_, h, c = lab
     node = start_kvnet(nodes, lab_, h)
     wait_resp(lab_, c, node=node).close()
-    with lab_.enter(c):
-        r = redis.Redis(host=GUEST_IP, port=PORT, socket_timeout=10, decode_responses=True)
-        assert r.ping() is True
+    r = redis_in(lab_, c, GUEST_IP, PORT, socket_timeout=10, decode_responses=True)
     n = 10_000
     pipe = r.pipeline(transaction=False)
     for i in range(n):
