@@ -304,10 +304,7 @@ class Comparer:
         for raw in paired:
             f = Frame(raw)
             if f.kind == "tcp":
-                st = self.streams.get(f.key)
-                if st is None:
-                    st = self.streams[f.key] = _Stream()
-                self.sec_bytes += st.add(f)
+                self._add_segment(f)
         sec, self.sec_raw, self.sec_pending = self.sec_raw, {}, 0
         for raw, n in sec.items():
             self.sec_bytes -= len(raw) * n
@@ -323,13 +320,18 @@ class Comparer:
         for key in list(self.waiting):
             self._match(key)
 
+    def _add_segment(self, f):
+        """A secondary TCP segment into its connection's byte stream; the stream."""
+        st = self.streams.get(f.key)
+        if st is None:
+            st = self.streams[f.key] = _Stream()
+        self.sec_bytes += st.add(f)
+        return st
+
     def _slow_secondary(self, raw):
         f = Frame(raw)
         if f.kind == "tcp":
-            st = self.streams.get(f.key)
-            if st is None:
-                st = self.streams[f.key] = _Stream()
-            self.sec_bytes += st.add(f)
+            st = self._add_segment(f)
             if st.held > 2 * st.KEEP:
                 self.sec_bytes -= st.trim()
         elif f.kind == "flow":

@@ -55,7 +55,6 @@ MARKER_TYPE = 0x88B5
 MARKER_MAGIC = b"COLOHYB1"
 _MARKER = struct.Struct(">6s6sH8sQ")
 EARLY_MAX = 65536
-CAUSES = ("periodic", "mismatch", "timeout", "bound", "request")
 
 
 def marker(epoch):
