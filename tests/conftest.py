@@ -6,6 +6,7 @@ installs it as root). With COLOCORE_REQUIRE_KVM=1 (what .ci/run sets) a missing
 requirement is a failure, never a skip.
 """
 import os
+import re
 import sys
 import time
 
@@ -111,10 +112,62 @@ def _outliving():
     return found
 
 
+# colocore.tools.netlab names a test host's namespace PREFIX-PID-HOST after the process
+# that created it.
+_NETNS_DIR = "/run/netns"
+_NETNS_NAME = re.compile(r"^[a-z]+-(\d+)-[a-z0-9]+$")
+
+
+def _lab_namespaces(alive_ok):
+    """Namespaces named by netlab whose creator is this process (alive_ok=False), or whose
+    creator is dead (alive_ok=True: a run that was SIGKILLed could not delete them)."""
+    try:
+        names = os.listdir(_NETNS_DIR)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        m = _NETNS_NAME.match(name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if alive_ok:
+            if not os.path.exists("/proc/%d" % pid):
+                found.append(name)
+        elif pid == os.getpid():
+            found.append(name)
+    return found
+
+
+def _remove_namespaces(names):
+    from pyroute2 import netns
+    for name in names:
+        try:
+            netns.remove(name)
+        except OSError:
+            pass
+
+
+def pytest_sessionstart(session):
+    stale = _lab_namespaces(alive_ok=True)
+    if stale:
+        _remove_namespaces(stale)
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            "removed network namespaces left by a run that died: %s" % " ".join(stale))
+
+
 def pytest_sessionfinish(session, exitstatus):
-    """Fail the run if a process a test started is still alive: every test stops what it
-    starts, by pid, also when it fails. Leftovers are killed here and named."""
+    """Fail the run if a process a test started is still alive, or a network namespace it
+    created is still there: every test stops what it starts, by pid, and deletes what it
+    creates, also when it fails. Leftovers are removed here and named."""
     import signal
+    left = _lab_namespaces(alive_ok=False)
+    if left:
+        _remove_namespaces(left)
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            "FAILED: network namespaces outlived the tests that created them (removed now): "
+            "%s" % " ".join(left), red=True)
+        session.exitstatus = 1
     alive = _outliving()
     if not alive:
         return
