@@ -490,19 +490,7 @@ cdef class FrameQueue:
 
     def frames(self):
         """The pending frames as a list of bytes (tests, tools)."""
-        out = []
-        cdef size_t off
-        cdef uint32_t length
-        self._lock()
-        try:
-            off = self.head_off
-            while off < self.used_bytes:
-                memcpy(&length, self.buf + off, 4)
-                out.append((<char *>self.buf)[off + 4:off + 4 + length])
-                off += 4 + length
-        finally:
-            self._unlock()
-        return out
+        return self.frames_since(0)[1]
 
 
 def check_frames(bytes blob, uint64_t base, uint64_t produced):

@@ -96,12 +96,6 @@ class Frame:
             self.key = (proto, src, dst, bytes(ident))
             self.payload = raw[l4:end] if proto == PROTO_ICMP else raw[l4 + 8:end]
 
-    @property
-    def seq_end(self):
-        """The sequence number after this segment (SYN and FIN count one each)."""
-        return (self.seq + len(self.payload) + (1 if self.flags & TCP_SYN else 0)
-                + (1 if self.flags & TCP_FIN else 0)) % MOD
-
 
 def _rel(seq, origin):
     """seq relative to origin, as a signed 32-bit TCP distance."""
